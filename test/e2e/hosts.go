@@ -1,0 +1,498 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Names and addresses of the test bed. Beds serialize on LockFile, so they
+// are fixed: at most one bed exists on the machine at a time.
+const (
+	// LockFile is held (flock) for the whole life of a bed, by whichever test
+	// process owns it. Beds of test processes running in parallel (go test
+	// ./... runs packages in parallel) wait for each other.
+	LockFile = "/run/migrated-e2e.lock"
+	// SwitchNetns is the named network namespace holding the bridge that
+	// joins the hosts.
+	SwitchNetns = "mge2e-sw"
+	// Subnet is the hosts' network; host i (from 0) has address 10.201.0.(i+1).
+	Subnet = "10.201.0.0/24"
+	// bridge is the bridge's name inside SwitchNetns.
+	bridge = "br0"
+	// portPrefix prefixes the switch-side veth of each host ("mge2e-hostA").
+	portPrefix = "mge2e-"
+	// dirPrefix prefixes the bed's scratch directory under /tmp.
+	dirPrefix = "mge2e-h"
+	// MaxHosts is the largest n NewHosts accepts.
+	MaxHosts = 8
+)
+
+// Host is one simulated host: a PID, mount (with its own /proc), network and
+// UTS namespace whose PID 1 is a small reaper. Hosts share the machine's file
+// system (the mount namespace is a private copy taken at creation: mounts
+// made on the machine afterwards are not seen inside), kernel, clock and
+// cgroups.
+type Host struct {
+	// Name is the host's name and hostname: "hostA", "hostB", ...
+	Name string
+	// IP is the host's address on eth0: 10.201.0.1, 10.201.0.2, ...
+	IP string
+	// ReaperPID is the global PID (as the test process sees it) of the
+	// host's PID 1.
+	ReaperPID int
+	// FirstPID is the first PID handed out in the host: 1000 for host A,
+	// 2000 for host B, ...
+	FirstPID int
+	// Dir is the host's scratch directory, short enough for unix socket
+	// paths below it (/tmp/mge2e-hNNN/hostA). Removed at teardown.
+	Dir string
+	// Shared is a scratch directory of the bed, the same for all its hosts
+	// (every host sees every path anyway; this one is meant for files that
+	// must not depend on where a process runs, such as workload status
+	// files). Removed at teardown.
+	Shared string
+
+	bed      *bed
+	unshare  *exec.Cmd
+	lifeline *os.File
+	exited   chan struct{}
+	pidns    string // readlink /proc/REAPER/ns/pid
+
+	mu     sync.Mutex
+	global map[int]globalEntry // host PID -> global PID, checked by start time
+}
+
+// bed is what the hosts of one NewHosts call share.
+type bed struct {
+	t        testing.TB
+	owner    string
+	lock     *os.File
+	dir      string
+	hostinit string
+	hosts    []*Host
+	netns    bool
+	seq      atomic.Int64
+}
+
+var activeBeds struct {
+	mu     sync.Mutex
+	owners map[string]bool
+}
+
+// NewHosts creates n simulated hosts (hostA, hostB, ...) joined by a bridge
+// on 10.201.0.0/24 and registers their teardown with t.Cleanup: every process
+// in every host is killed, the switch namespace and veths are deleted, the
+// scratch directories are removed, whether the test passed, failed or
+// panicked. If the test process itself is killed, each host still dies with
+// it (its reaper exits when the process holding its lifeline pipe is gone);
+// what such a crash leaves (the switch namespace, scratch directories) is
+// removed by the next NewHosts.
+//
+// Beds are machine-wide exclusive: NewHosts waits for LockFile, so tests
+// that use beds in parallel (within or across test processes) run one after
+// the other. A test must not call NewHosts while it (or a parent test)
+// already holds a bed: that would wait forever, so it fails instead.
+//
+// NewHosts needs root: it calls RequireRoot.
+func NewHosts(t testing.TB, n int) []*Host {
+	t.Helper()
+	RequireRoot(t)
+	if n < 1 || n > MaxHosts {
+		t.Fatalf("NewHosts: n=%d, want 1..%d", n, MaxHosts)
+	}
+	hostinit := buildC(t, "hostinit", hostinitSource)
+
+	b := &bed{t: t, owner: t.Name(), hostinit: hostinit}
+	if err := b.claim(); err != nil {
+		t.Fatalf("NewHosts: %v", err)
+	}
+	lock, err := acquireLock(t)
+	if err != nil {
+		b.release()
+		t.Fatalf("NewHosts: %v", err)
+	}
+	b.lock = lock
+	t.Cleanup(b.teardown)
+
+	start := time.Now()
+	if err := removeLeftovers(); err != nil {
+		t.Fatalf("NewHosts: remove leftovers of an earlier run: %v", err)
+	}
+	if err := b.build(n); err != nil {
+		t.Fatalf("NewHosts: %v", err)
+	}
+	t.Logf("bed: %d hosts up in %v (dir %s)", n, time.Since(start).Round(time.Millisecond), b.dir)
+	return b.hosts
+}
+
+// claim records that b's test holds a bed, refusing a nested one.
+func (b *bed) claim() error {
+	activeBeds.mu.Lock()
+	defer activeBeds.mu.Unlock()
+	for o := range activeBeds.owners {
+		if o == b.owner || strings.HasPrefix(b.owner, o+"/") {
+			return fmt.Errorf("test %s already holds a bed (from %s); one bed per test", b.owner, o)
+		}
+	}
+	if activeBeds.owners == nil {
+		activeBeds.owners = make(map[string]bool)
+	}
+	activeBeds.owners[b.owner] = true
+	return nil
+}
+
+func (b *bed) release() {
+	activeBeds.mu.Lock()
+	delete(activeBeds.owners, b.owner)
+	activeBeds.mu.Unlock()
+}
+
+// acquireLock takes LockFile, waiting as long as another bed holds it.
+func acquireLock(t testing.TB) (*os.File, error) {
+	f, err := os.OpenFile(LockFile, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("open bed lock: %w", err)
+	}
+	start := time.Now()
+	next := 5 * time.Second
+	for {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return f, nil
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
+			f.Close()
+			return nil, fmt.Errorf("lock %s: %w", LockFile, err)
+		}
+		if w := time.Since(start); w > next {
+			t.Logf("bed: waited %v for %s (another test holds a bed)", w.Round(time.Second), LockFile)
+			next *= 2
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// removeLeftovers deletes what a crashed earlier bed may have left. The
+// caller holds LockFile, so nothing of that kind can belong to a live bed.
+func removeLeftovers() error {
+	if fileExists(filepath.Join("/run/netns", SwitchNetns)) {
+		if out, err := exec.Command("ip", "netns", "del", SwitchNetns).CombinedOutput(); err != nil {
+			return fmt.Errorf("ip netns del %s: %v: %s", SwitchNetns, err, out)
+		}
+	}
+	pids, err := staleReapers()
+	if err != nil {
+		return err
+	}
+	for _, pid := range pids {
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for len(pids) > 0 {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("stale host reapers %v did not exit", pids)
+		}
+		time.Sleep(5 * time.Millisecond)
+		if pids, err = staleReapers(); err != nil {
+			return err
+		}
+	}
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), dirPrefix+"*"))
+	for _, d := range dirs {
+		if err := os.RemoveAll(d); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// staleReapers lists the global PIDs of processes running "hostinit reaper".
+func staleReapers() ([]int, error) {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil, err
+	}
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		argv := readCmdline(filepath.Join("/proc", e.Name(), "cmdline"))
+		if len(argv) >= 2 && filepath.Base(argv[0]) == "hostinit" && argv[1] == "reaper" {
+			pids = append(pids, pid)
+		}
+	}
+	return pids, nil
+}
+
+func readCmdline(path string) []string {
+	b, err := os.ReadFile(path)
+	if err != nil || len(b) == 0 {
+		return nil
+	}
+	return strings.Split(strings.TrimSuffix(string(b), "\x00"), "\x00")
+}
+
+func (b *bed) build(n int) error {
+	dir, err := os.MkdirTemp("", dirPrefix)
+	if err != nil {
+		return err
+	}
+	b.dir = dir
+	shared := filepath.Join(dir, "shared")
+	if err := os.Mkdir(shared, 0o755); err != nil {
+		return err
+	}
+	b.netns = true
+	if err := run("ip", "netns", "add", SwitchNetns); err != nil {
+		return err
+	}
+	if err := runStdin("link set lo up\nlink add "+bridge+" type bridge\nlink set "+bridge+" up\n",
+		"ip", "-n", SwitchNetns, "-batch", "-"); err != nil {
+		return err
+	}
+	for i := 0; i < n; i++ {
+		h := &Host{
+			Name:     "host" + string(rune('A'+i)),
+			IP:       fmt.Sprintf("10.201.0.%d", i+1),
+			FirstPID: 1000 * (i + 1),
+			Shared:   shared,
+			bed:      b,
+			global:   make(map[int]globalEntry),
+		}
+		h.Dir = filepath.Join(dir, h.Name)
+		if err := os.Mkdir(h.Dir, 0o755); err != nil {
+			return err
+		}
+		b.hosts = append(b.hosts, h)
+		if err := h.boot(b.hostinit); err != nil {
+			return fmt.Errorf("%s: %w", h.Name, err)
+		}
+		if err := h.plug(); err != nil {
+			return fmt.Errorf("%s: network: %w", h.Name, err)
+		}
+	}
+	return nil
+}
+
+// boot starts the host's namespaces and its reaper.
+func (h *Host) boot(hostinit string) error {
+	lr, lw, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	h.lifeline = lw
+	rr, rw, err := os.Pipe()
+	if err != nil {
+		lr.Close()
+		return err
+	}
+	defer rr.Close()
+	var stderr strings.Builder
+	cmd := exec.Command("unshare", "--pid", "--fork", "--mount", "--mount-proc", "--net", "--uts",
+		"--propagation", "private", hostinit, "reaper", h.Name, strconv.Itoa(h.FirstPID))
+	cmd.ExtraFiles = []*os.File{lr} // fd 3: the lifeline
+	cmd.Stdout = rw
+	cmd.Stderr = &stderr
+	cmd.Dir = "/"
+	err = cmd.Start()
+	lr.Close()
+	rw.Close()
+	if err != nil {
+		return fmt.Errorf("start unshare: %w", err)
+	}
+	h.unshare = cmd
+	h.exited = make(chan struct{})
+	go func() {
+		cmd.Wait()
+		close(h.exited)
+	}()
+
+	rr.SetReadDeadline(time.Now().Add(10 * time.Second))
+	line, err := bufio.NewReader(rr).ReadString('\n')
+	if err != nil || line != "ready\n" {
+		select {
+		case <-h.exited:
+		case <-time.After(time.Second):
+		}
+		return fmt.Errorf("reaper did not start (%q, %v): %s", line, err, strings.TrimSpace(stderr.String()))
+	}
+	kids, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", cmd.Process.Pid, cmd.Process.Pid))
+	if err != nil {
+		return fmt.Errorf("find reaper: %w", err)
+	}
+	f := strings.Fields(string(kids))
+	if len(f) != 1 {
+		return fmt.Errorf("find reaper: unshare has children %q", kids)
+	}
+	if h.ReaperPID, err = strconv.Atoi(f[0]); err != nil {
+		return fmt.Errorf("find reaper: %w", err)
+	}
+	if h.pidns, err = os.Readlink(fmt.Sprintf("/proc/%d/ns/pid", h.ReaperPID)); err != nil {
+		return fmt.Errorf("find reaper: %w", err)
+	}
+	return nil
+}
+
+// plug connects the host to the switch.
+func (h *Host) plug() error {
+	port := h.port()
+	if err := run("ip", "link", "add", "eth0", "netns", strconv.Itoa(h.ReaperPID), "type", "veth",
+		"peer", "name", port, "netns", SwitchNetns); err != nil {
+		return err
+	}
+	if err := runStdin(fmt.Sprintf("link set lo up\naddr add %s/24 dev eth0\nlink set eth0 up\n", h.IP),
+		"nsenter", "-t", strconv.Itoa(h.ReaperPID), "-n", "ip", "-batch", "-"); err != nil {
+		return err
+	}
+	return run("ip", "-n", SwitchNetns, "link", "set", port, "master", bridge, "up")
+}
+
+// port is the name of the host's veth end in the switch namespace.
+func (h *Host) port() string { return portPrefix + h.Name }
+
+// teardown kills every host and deletes the switch, reporting (t.Errorf)
+// anything it could not remove.
+func (b *bed) teardown() {
+	t := b.t
+	for i := len(b.hosts) - 1; i >= 0; i-- {
+		if err := b.hosts[i].stop(); err != nil {
+			t.Errorf("bed teardown: %s: %v", b.hosts[i].Name, err)
+		}
+	}
+	if b.netns {
+		if err := run("ip", "netns", "del", SwitchNetns); err != nil {
+			t.Errorf("bed teardown: %v", err)
+		}
+	}
+	if b.dir != "" {
+		if err := os.RemoveAll(b.dir); err != nil {
+			t.Errorf("bed teardown: %v", err)
+		}
+	}
+	if b.lock != nil {
+		syscall.Flock(int(b.lock.Fd()), syscall.LOCK_UN)
+		b.lock.Close()
+	}
+	b.release()
+}
+
+// stop takes the host down: closing the lifeline makes the reaper exit, and
+// the kernel kills every process of a PID namespace whose PID 1 exits.
+func (h *Host) stop() error {
+	if h.lifeline != nil {
+		h.lifeline.Close()
+	}
+	if h.unshare == nil {
+		return nil
+	}
+	select {
+	case <-h.exited:
+		return nil
+	case <-time.After(10 * time.Second):
+	}
+	if h.ReaperPID > 0 {
+		syscall.Kill(h.ReaperPID, syscall.SIGKILL)
+	}
+	h.unshare.Process.Kill()
+	select {
+	case <-h.exited:
+		return fmt.Errorf("reaper %d ignored its lifeline; killed", h.ReaperPID)
+	case <-time.After(10 * time.Second):
+		return fmt.Errorf("host with reaper %d does not die", h.ReaperPID)
+	}
+}
+
+func run(name string, args ...string) error {
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s %s: %v: %s", name, strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+func runStdin(stdin string, name string, args ...string) error {
+	cmd := exec.Command(name, args...)
+	cmd.Stdin = strings.NewReader(stdin)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s %s <<%q: %v: %s", name, strings.Join(args, " "), stdin, err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// Command returns a command that runs name inside all of the host's
+// namespaces (nsenter -t REAPER -a). It starts in the host's "/" (entering a
+// mount namespace resets the working directory; cmd.Dir only affects nsenter
+// itself); use CommandDir for another directory. Cancelling ctx, or killing
+// nsenter by any other means, kills the command too. Stdio and environment
+// are the cmd's as usual; set no ExtraFiles (an fd from the machine's mount
+// namespace makes CRIU refuse to dump a process that inherits it).
+func (h *Host) Command(ctx context.Context, name string, args ...string) *exec.Cmd {
+	return h.CommandDir(ctx, "", name, args...)
+}
+
+// CommandDir is Command with working directory dir inside the host ("" for
+// the host's "/").
+func (h *Host) CommandDir(ctx context.Context, dir, name string, args ...string) *exec.Cmd {
+	if dir == "" {
+		dir = "-"
+	}
+	a := append([]string{"-t", strconv.Itoa(h.ReaperPID), "-a", h.bed.hostinit, "exec", dir, name}, args...)
+	return exec.CommandContext(ctx, "nsenter", a...)
+}
+
+// Run runs name inside the host (see Command) and returns its combined
+// output; it fails the test, showing the output, when the command fails.
+func (h *Host) Run(t testing.TB, name string, args ...string) string {
+	t.Helper()
+	out, err := h.Command(t.Context(), name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s: %s %s: %v\n%s", h.Name, name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// Shape limits the rate of the host's outgoing traffic on eth0 with a token
+// bucket filter (tc tbf), e.g. rate "1gbit" or "200mbit". Shape both hosts
+// for a symmetric link. The limit is removed at the end of the test.
+func (h *Host) Shape(t testing.TB, rate string) {
+	t.Helper()
+	h.Run(t, "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "256kb", "latency", "50ms")
+	t.Cleanup(func() {
+		// The host may already be gone (its bed's teardown ran first).
+		exec.Command("nsenter", "-t", strconv.Itoa(h.ReaperPID), "-n", "tc", "qdisc", "del", "dev", "eth0", "root").Run()
+	})
+}
+
+// LinkDown cuts the host off the switch by taking down its port on the
+// bridge: the host's eth0 loses carrier but keeps its address and routes,
+// so its packets are dropped silently, as with a pulled cable (no error
+// reaches the sender's sockets). LinkUp reconnects it.
+func (h *Host) LinkDown(t testing.TB) {
+	t.Helper()
+	if err := run("ip", "-n", SwitchNetns, "link", "set", h.port(), "down"); err != nil {
+		t.Fatalf("%s: link down: %v", h.Name, err)
+	}
+}
+
+// LinkUp reconnects a host cut off by LinkDown.
+func (h *Host) LinkUp(t testing.TB) {
+	t.Helper()
+	if err := run("ip", "-n", SwitchNetns, "link", "set", h.port(), "up"); err != nil {
+		t.Fatalf("%s: link up: %v", h.Name, err)
+	}
+}
