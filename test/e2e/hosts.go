@@ -330,17 +330,11 @@ func (h *Host) boot(hostinit string) error {
 		}
 		return fmt.Errorf("reaper did not start (%q, %v): %s", line, err, strings.TrimSpace(stderr.String()))
 	}
-	kids, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", cmd.Process.Pid, cmd.Process.Pid))
-	if err != nil {
-		return fmt.Errorf("find reaper: %w", err)
+	kids := childrenOf(cmd.Process.Pid)
+	if len(kids) != 1 {
+		return fmt.Errorf("find reaper: unshare has children %v", kids)
 	}
-	f := strings.Fields(string(kids))
-	if len(f) != 1 {
-		return fmt.Errorf("find reaper: unshare has children %q", kids)
-	}
-	if h.ReaperPID, err = strconv.Atoi(f[0]); err != nil {
-		return fmt.Errorf("find reaper: %w", err)
-	}
+	h.ReaperPID = kids[0]
 	if h.pidns, err = os.Readlink(fmt.Sprintf("/proc/%d/ns/pid", h.ReaperPID)); err != nil {
 		return fmt.Errorf("find reaper: %w", err)
 	}
@@ -452,7 +446,37 @@ func (h *Host) CommandDir(ctx context.Context, dir, name string, args ...string)
 		dir = "-"
 	}
 	a := append([]string{"-t", strconv.Itoa(h.ReaperPID), "-a", h.bed.hostinit, "exec", dir, name}, args...)
-	return exec.CommandContext(ctx, "nsenter", a...)
+	cmd := exec.CommandContext(ctx, "nsenter", a...)
+	// Kill the command, not nsenter: nsenter then reaps it and exits. (A
+	// command orphaned by nsenter's death dies too, but is left for the
+	// machine's init to reap, which can take a while.)
+	cmd.Cancel = func() error {
+		kids := childrenOf(cmd.Process.Pid)
+		if len(kids) == 0 {
+			return cmd.Process.Kill()
+		}
+		for _, k := range kids {
+			syscall.Kill(k, syscall.SIGKILL)
+		}
+		return nil
+	}
+	cmd.WaitDelay = 10 * time.Second
+	return cmd
+}
+
+// childrenOf lists the children of a (single-threaded) process by global PID.
+func childrenOf(pid int) []int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
+	if err != nil {
+		return nil
+	}
+	var kids []int
+	for _, f := range strings.Fields(string(b)) {
+		if n, err := strconv.Atoi(f); err == nil {
+			kids = append(kids, n)
+		}
+	}
+	return kids
 }
 
 // Run runs name inside the host (see Command) and returns its combined
