@@ -239,3 +239,34 @@ func equalInts(a, b []int) bool {
 	}
 	return true
 }
+
+func TestCRIUGoThreadsAcrossHosts(t *testing.T) {
+	criu := RequireCRIU(t)
+	hs := NewHosts(t, 2)
+	a, b := hs[0], hs[1]
+	p := StartGoThreads(t, a, GoThreadsOptions{Threads: 4, MemMiB: 16})
+	if info, err := p.Info(); err != nil || info.Threads < 5 {
+		t.Fatalf("gothreads: %+v, %v; want at least 5 threads", info, err)
+	}
+	q, first := moveWithCRIU(t, criu, p, b)
+	if len(first.ThreadCount) != 4 {
+		t.Fatalf("thread counters after restore: %v", first.ThreadCount)
+	}
+	// Every thread keeps counting in the new host.
+	s := WaitStatus(t, q, func(s WorkloadStatus) bool {
+		for i := range s.ThreadCount {
+			if s.ThreadCount[i] <= first.ThreadCount[i]+20 {
+				return false
+			}
+		}
+		return true
+	}, time.Minute)
+	t.Logf("thread counters %v -> %v", first.ThreadCount, s.ThreadCount)
+	if info, err := q.Info(); err != nil || info.Threads < 5 {
+		t.Fatalf("restored gothreads: %+v, %v; want at least 5 threads", info, err)
+	}
+	if err := p.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	waitGone(t, p)
+}
