@@ -130,6 +130,15 @@ func (h Header) String() string {
 	return fmt.Sprintf("%v flags=%#x nr_pages=%d vaddr=%#x dst_id=%#x", h.Cmd, h.Flags, h.NrPages, h.Vaddr, h.DstID)
 }
 
+// Validate checks h as the Decoder checks a header, except for the rule
+// that page commands name the open image. Errors are *DecodeError with
+// offsets relative to the header's start in the 32-byte layout.
+func (h Header) Validate() error { return h.validate(0, HeaderSize32) }
+
+// IsPageOp reports whether the command addresses pages of the open image
+// (ADD, HOLE, ADD_F).
+func (o Op) IsPageOp() bool { return o.isPageOp() }
+
 // isPageOp reports whether the command addresses pages of the open image.
 func (o Op) isPageOp() bool { return o == OpAdd || o == OpHole || o == OpAddF }
 
