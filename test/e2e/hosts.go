@@ -513,10 +513,24 @@ func (h *Host) LinkDown(t testing.TB) {
 	}
 }
 
-// LinkUp reconnects a host cut off by LinkDown.
+// LinkUp reconnects a host cut off by LinkDown. It returns once both ends
+// of the link report it operational (the kernel applies carrier changes
+// asynchronously, up to a second later).
 func (h *Host) LinkUp(t testing.TB) {
 	t.Helper()
 	if err := run("ip", "-n", SwitchNetns, "link", "set", h.port(), "up"); err != nil {
 		t.Fatalf("%s: link up: %v", h.Name, err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		port, err1 := exec.Command("ip", "-n", SwitchNetns, "-o", "link", "show", "dev", h.port()).Output()
+		eth0, err2 := exec.Command("nsenter", "-t", strconv.Itoa(h.ReaperPID), "-n", "ip", "-o", "link", "show", "dev", "eth0").Output()
+		if err1 == nil && err2 == nil && strings.Contains(string(port), "state UP") && strings.Contains(string(eth0), "state UP") {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: link not up: %v %v\n%s%s", h.Name, err1, err2, port, eth0)
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
