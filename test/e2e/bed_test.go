@@ -387,6 +387,7 @@ func TestBedDiesWithTestProcess(t *testing.T) {
 	}
 	cmd.Process.Kill()
 	cmd.Wait()
+	os.RemoveAll(filepath.Join(os.TempDir(), binPrefix+strconv.Itoa(cmd.Process.Pid)))
 
 	// Its hosts die with it: each reaper sees its lifeline close.
 	deadline := time.Now().Add(30 * time.Second)
