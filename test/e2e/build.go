@@ -181,3 +181,15 @@ func fnv32(s string) uint32 {
 	}
 	return h
 }
+
+// removeBinaries deletes this test process's binary directory. Test
+// processes that never call it leave theirs to the next one (cacheDir).
+func removeBinaries() {
+	binCache.mu.Lock()
+	defer binCache.mu.Unlock()
+	if binCache.dir != "" {
+		os.RemoveAll(binCache.dir)
+		binCache.dir = ""
+		binCache.built = nil
+	}
+}

@@ -9,11 +9,12 @@ import (
 	"time"
 )
 
-// TestMain fails the run when goroutines of this module or of os/exec are
+// TestMain removes the binaries the tests built, and fails the run when goroutines of this module or of os/exec are
 // still running once every test finished: each one must have an owner that
 // ends it.
 func TestMain(m *testing.M) {
 	code := m.Run()
+	removeBinaries()
 	if code == 0 {
 		if leaked := leakedGoroutines(10 * time.Second); leaked != "" {
 			fmt.Fprintf(os.Stderr, "leaked goroutines after all tests:\n%s\n", leaked)
