@@ -9,9 +9,9 @@ import (
 	"time"
 )
 
-// TestMain removes the binaries the tests built, and fails the run when goroutines of this module or of os/exec are
-// still running once every test finished: each one must have an owner that
-// ends it.
+// TestMain removes the binaries the tests built, and fails the run when
+// goroutines of this module or of os/exec are still running once every test
+// finished: each one must have an owner that ends it.
 func TestMain(m *testing.M) {
 	code := m.Run()
 	removeBinaries()
