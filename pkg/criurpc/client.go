@@ -280,11 +280,14 @@ func (s *swrk) result(info opInfo, res callResult, err error) error {
 		return s.failure(info, nil, err)
 	}
 	if !res.resp.GetSuccess() {
-		var cause error
 		if res.notifyErr != nil {
-			cause = fmt.Errorf("%w: %w", ErrNotifyFailed, res.notifyErr)
+			// CRIU's message only says that the client failed; the
+			// handler's error says why.
+			e := s.failure(info, res.resp, fmt.Errorf("%w: %w", ErrNotifyFailed, res.notifyErr))
+			e.Msg = e.Err.Error()
+			return e
 		}
-		return s.failure(info, res.resp, cause)
+		return s.failure(info, res.resp, nil)
 	}
 	return nil
 }

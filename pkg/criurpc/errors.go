@@ -72,7 +72,7 @@ func (e *Error) Error() string {
 		b.WriteString(": ")
 		b.WriteString(msg)
 	}
-	if e.Err != nil && msg != e.Err.Error() {
+	if e.Err != nil && !strings.Contains(msg, e.Err.Error()) {
 		b.WriteString(" (")
 		b.WriteString(e.Err.Error())
 		b.WriteString(")")

@@ -190,7 +190,7 @@ func TestCallPostDumpFailure(t *testing.T) {
 	if !errors.As(ferr, &e) || !errors.Is(ferr, ErrNotifyFailed) || !errors.Is(ferr, hookErr) {
 		t.Fatalf("error %v does not wrap ErrNotifyFailed and the hook's error", ferr)
 	}
-	if e.Msg != "RPC client reported script error" {
+	if e.Msg != "notification handler failed: post-dump: destination not ready" {
 		t.Fatalf("Msg %q", e.Msg)
 	}
 	if !strings.HasPrefix(ferr.Error(), "dump of pid 42 failed: ") {
