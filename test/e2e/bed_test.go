@@ -26,6 +26,13 @@ type bedTrace struct {
 func traceOf(t *testing.T, hs []*Host) bedTrace {
 	t.Helper()
 	tr := bedTrace{dir: filepath.Dir(hs[0].Dir)}
+	sw := hs[0].bed.sw.cmd.Process.Pid
+	id, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/net", sw))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr.nsIDs = append(tr.nsIDs, id)
+	tr.reapers = append(tr.reapers, sw)
 	for _, h := range hs {
 		tr.reapers = append(tr.reapers, h.ReaperPID)
 		for _, ns := range []string{"pid", "net", "mnt", "uts"} {
@@ -40,8 +47,8 @@ func traceOf(t *testing.T, hs []*Host) bedTrace {
 }
 
 // checkNothingLeft fails unless every trace of a torn-down bed is gone:
-// the switch namespace and its mount, veths, processes of the hosts'
-// namespaces, the scratch directory. It holds the bed lock while it looks,
+// network namespaces, veths, mounts, processes of the hosts' and the
+// switch's namespaces, the scratch directory. It holds the bed lock while it looks,
 // so no other bed can be mistaken for a leftover.
 func checkNothingLeft(t *testing.T, tr bedTrace) {
 	t.Helper()
@@ -52,7 +59,7 @@ func checkNothingLeft(t *testing.T, tr bedTrace) {
 	defer lock.Close()
 
 	out, err := exec.Command("ip", "netns", "list").CombinedOutput()
-	if err != nil || strings.Contains(string(out), SwitchNetns) {
+	if err != nil || strings.Contains(string(out), "mge2e") {
 		t.Errorf("ip netns list after teardown: %v\n%s", err, out)
 	}
 	out, err = exec.Command("ip", "-o", "link").CombinedOutput()
@@ -60,7 +67,7 @@ func checkNothingLeft(t *testing.T, tr bedTrace) {
 		t.Errorf("ip link after teardown: %v\n%s", err, out)
 	}
 	mounts, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil || strings.Contains(string(mounts), SwitchNetns) || strings.Contains(string(mounts), tr.dir) {
+	if err != nil || strings.Contains(string(mounts), "mge2e") || strings.Contains(string(mounts), tr.dir) {
 		t.Errorf("mounts after teardown: %v\n%s", err, mounts)
 	}
 	if _, err := os.Stat(tr.dir); !errors.Is(err, os.ErrNotExist) {
@@ -83,8 +90,8 @@ func checkNothingLeft(t *testing.T, tr bedTrace) {
 		}
 	}
 	for _, r := range tr.reapers {
-		if argv := readCmdline(fmt.Sprintf("/proc/%d/cmdline", r)); len(argv) > 1 && argv[1] == "reaper" {
-			t.Errorf("reaper %d still runs after teardown", r)
+		if argv := readCmdline(fmt.Sprintf("/proc/%d/cmdline", r)); len(argv) > 1 && (argv[1] == "reaper" || argv[1] == "hold") {
+			t.Errorf("namespace holder %d (%s) still runs after teardown", r, argv[1])
 		}
 	}
 }
@@ -326,11 +333,11 @@ func TestBedDiesWithTestProcess(t *testing.T) {
 		for _, h := range hs {
 			h.Start(t, StartOptions{}, "sleep", "4444")
 		}
-		var ids []string
+		ids := []string{strconv.Itoa(hs[0].bed.sw.cmd.Process.Pid)}
 		for _, h := range hs {
 			ids = append(ids, strconv.Itoa(h.ReaperPID))
 		}
-		fmt.Printf("reapers=%s dir=%s\n", strings.Join(ids, ","), filepath.Dir(hs[0].Dir))
+		fmt.Printf("reapers=%s dir=%s\n" /* the switch's holder first */, strings.Join(ids, ","), filepath.Dir(hs[0].Dir))
 		time.Sleep(time.Hour)
 		return
 	}
@@ -376,8 +383,12 @@ func TestBedDiesWithTestProcess(t *testing.T) {
 		}
 	}
 	var nsIDs []string
-	for _, r := range reapers {
-		for _, ns := range []string{"pid", "net", "mnt", "uts"} {
+	for i, r := range reapers {
+		namespaces := []string{"net", "pid", "mnt", "uts"}
+		if i == 0 { // the switch has only its network namespace
+			namespaces = namespaces[:1]
+		}
+		for _, ns := range namespaces {
 			id, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/%s", r, ns))
 			if err != nil {
 				t.Fatal(err)
@@ -394,18 +405,17 @@ func TestBedDiesWithTestProcess(t *testing.T) {
 	for _, r := range reapers {
 		for {
 			argv := readCmdline(fmt.Sprintf("/proc/%d/cmdline", r))
-			if len(argv) < 2 || argv[1] != "reaper" {
+			if len(argv) < 2 || argv[1] != "reaper" && argv[1] != "hold" {
 				break
 			}
 			if time.Now().After(deadline) {
-				t.Fatalf("reaper %d outlived its test process", r)
+				t.Fatalf("namespace holder %d (%s) outlived its test process", r, argv[1])
 			}
 			time.Sleep(5 * time.Millisecond)
 		}
 	}
 
-	// The next bed removes what the crash left (switch namespace, directory)
-	// and works.
+	// The next bed removes what the crash left (its directory) and works.
 	var tr bedTrace
 	t.Run("next", func(t *testing.T) {
 		hs := NewHosts(t, 2)

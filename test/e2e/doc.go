@@ -14,16 +14,19 @@
 // host's PIDs at FIRSTPID (1000 for host A, 2000 for B, ...: a restore needs
 // the process's PIDs free on the destination) and reaps orphans. Each host
 // has an eth0 with address 10.201.0.N/24, a veth whose other end is a port
-// of a bridge in the switch namespace SwitchNetns. Hosts share the machine's
+// of a bridge in the switch: one more network namespace, held by a hostinit
+// process. Hosts share the machine's
 // file system, kernel, clock and cgroups; a path means the same file in every
 // host, so CRIU images, binaries and status files need no copying.
 //
 // Everything a bed creates is removed in t.Cleanup, also when the test fails
 // or panics: the reaper of each host exits, which makes the kernel kill every
-// process in its PID namespace, and the switch namespace and scratch
-// directories are deleted. The reaper also exits when the test process dies
-// (it watches a pipe whose writing end only the test process holds), so a
-// killed test leaves no running host; the next NewHosts removes the rest.
+// process in its PID namespace, the switch's holder exits, the namespaces
+// and veths vanish with their last process, and the scratch directories are
+// deleted. No namespace is named or bind-mounted. The holders also exit when
+// the test process dies (each watches a pipe whose writing end only the test
+// process holds), so a killed test leaves no running host or switch; the
+// next NewHosts removes its scratch directories.
 // Only one bed exists on the machine at a time (LockFile): beds of parallel
 // tests and test processes wait for each other.
 //

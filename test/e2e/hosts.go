@@ -24,12 +24,9 @@ const (
 	// process owns it. Beds of test processes running in parallel (go test
 	// ./... runs packages in parallel) wait for each other.
 	LockFile = "/run/migrated-e2e.lock"
-	// SwitchNetns is the named network namespace holding the bridge that
-	// joins the hosts.
-	SwitchNetns = "mge2e-sw"
 	// Subnet is the hosts' network; host i (from 0) has address 10.201.0.(i+1).
 	Subnet = "10.201.0.0/24"
-	// bridge is the bridge's name inside SwitchNetns.
+	// bridge is the bridge's name inside the switch's network namespace.
 	bridge = "br0"
 	// portPrefix prefixes the switch-side veth of each host ("mge2e-hostA").
 	portPrefix = "mge2e-"
@@ -64,11 +61,9 @@ type Host struct {
 	// files). Removed at teardown.
 	Shared string
 
-	bed      *bed
-	unshare  *exec.Cmd
-	lifeline *os.File
-	exited   chan struct{}
-	pidns    string // readlink /proc/REAPER/ns/pid
+	bed   *bed
+	init  *holder // unshare, whose child is the reaper
+	pidns string  // readlink /proc/REAPER/ns/pid
 
 	mu     sync.Mutex
 	global map[int]globalEntry // host PID -> global PID, checked by start time
@@ -82,8 +77,80 @@ type bed struct {
 	dir      string
 	hostinit string
 	hosts    []*Host
-	netns    bool
+	sw       *holder // holds the switch's network namespace
 	seq      atomic.Int64
+}
+
+// holder is a process of the bed that lives as long as the test process
+// holds the writing end of its lifeline pipe (its fd 3): a host's unshare
+// and reaper, or the switch.
+type holder struct {
+	cmd      *exec.Cmd
+	lifeline *os.File
+	exited   chan struct{}
+}
+
+// startHolder starts a hostinit process (through unshare) with a lifeline
+// on fd 3 and waits until it prints "ready".
+func startHolder(args ...string) (*holder, error) {
+	lr, lw, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	rr, rw, err := os.Pipe()
+	if err != nil {
+		lr.Close()
+		lw.Close()
+		return nil, err
+	}
+	defer rr.Close()
+	var stderr strings.Builder
+	cmd := exec.Command("unshare", args...)
+	cmd.ExtraFiles = []*os.File{lr} // fd 3: the lifeline
+	cmd.Stdout = rw
+	cmd.Stderr = &stderr
+	cmd.Dir = "/"
+	err = cmd.Start()
+	lr.Close()
+	rw.Close()
+	if err != nil {
+		lw.Close()
+		return nil, fmt.Errorf("start unshare: %w", err)
+	}
+	h := &holder{cmd: cmd, lifeline: lw, exited: make(chan struct{})}
+	go func() {
+		cmd.Wait()
+		close(h.exited)
+	}()
+	rr.SetReadDeadline(time.Now().Add(10 * time.Second))
+	line, err := bufio.NewReader(rr).ReadString('\n')
+	if err != nil || line != "ready\n" {
+		h.stop()
+		return nil, fmt.Errorf("unshare %s did not start (%q, %v): %s", strings.Join(args, " "), line, err,
+			strings.TrimSpace(stderr.String()))
+	}
+	return h, nil
+}
+
+// stop closes the lifeline and waits for the holder to exit, killing it
+// (and, for a host, its reaper) if it does not.
+func (h *holder) stop(alsoKill ...int) error {
+	h.lifeline.Close()
+	select {
+	case <-h.exited:
+		return nil
+	case <-time.After(10 * time.Second):
+	}
+	for _, pid := range alsoKill {
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+	h.cmd.Process.Kill()
+	select {
+	case <-h.exited:
+		return fmt.Errorf("process %d ignored its lifeline; killed", h.cmd.Process.Pid)
+	case <-time.After(10 * time.Second):
+		return fmt.Errorf("process %d does not die", h.cmd.Process.Pid)
+	}
 }
 
 var activeBeds struct {
@@ -93,12 +160,14 @@ var activeBeds struct {
 
 // NewHosts creates n simulated hosts (hostA, hostB, ...) joined by a bridge
 // on 10.201.0.0/24 and registers their teardown with t.Cleanup: every process
-// in every host is killed, the switch namespace and veths are deleted, the
+// in every host is killed, the namespaces and veths vanish with them, the
 // scratch directories are removed, whether the test passed, failed or
-// panicked. If the test process itself is killed, each host still dies with
-// it (its reaper exits when the process holding its lifeline pipe is gone);
-// what such a crash leaves (the switch namespace, scratch directories) is
-// removed by the next NewHosts.
+// panicked. No namespace is named or bind-mounted (ip netns is not used): a
+// namespace lives exactly as long as the process holding it. If the test
+// process itself is killed, the hosts and the switch still die with it
+// (their holders exit when the test process's end of their lifeline pipe
+// closes); the scratch directories such a crash leaves are removed by the
+// next NewHosts.
 //
 // Beds are machine-wide exclusive: NewHosts waits for LockFile, so tests
 // that use beds in parallel (within or across test processes) run one after
@@ -187,11 +256,6 @@ func acquireLock(t testing.TB) (*os.File, error) {
 // removeLeftovers deletes what a crashed earlier bed may have left. The
 // caller holds LockFile, so nothing of that kind can belong to a live bed.
 func removeLeftovers() error {
-	if fileExists(filepath.Join("/run/netns", SwitchNetns)) {
-		if out, err := exec.Command("ip", "netns", "del", SwitchNetns).CombinedOutput(); err != nil {
-			return fmt.Errorf("ip netns del %s: %v: %s", SwitchNetns, err, out)
-		}
-	}
 	pids, err := staleReapers()
 	if err != nil {
 		return err
@@ -218,7 +282,9 @@ func removeLeftovers() error {
 	return nil
 }
 
-// staleReapers lists the global PIDs of processes running "hostinit reaper".
+// staleReapers lists the global PIDs of hostinit processes holding a host or
+// a switch. They exit with the test process that started them; one still
+// running without a live bed is stuck.
 func staleReapers() ([]int, error) {
 	ents, err := os.ReadDir("/proc")
 	if err != nil {
@@ -231,7 +297,7 @@ func staleReapers() ([]int, error) {
 			continue
 		}
 		argv := readCmdline(filepath.Join("/proc", e.Name(), "cmdline"))
-		if len(argv) >= 2 && filepath.Base(argv[0]) == "hostinit" && argv[1] == "reaper" {
+		if len(argv) >= 2 && filepath.Base(argv[0]) == "hostinit" && (argv[1] == "reaper" || argv[1] == "hold") {
 			pids = append(pids, pid)
 		}
 	}
@@ -256,12 +322,11 @@ func (b *bed) build(n int) error {
 	if err := os.Mkdir(shared, 0o755); err != nil {
 		return err
 	}
-	b.netns = true
-	if err := run("ip", "netns", "add", SwitchNetns); err != nil {
-		return err
+	if b.sw, err = startHolder("--net", b.hostinit, "hold"); err != nil {
+		return fmt.Errorf("switch: %w", err)
 	}
 	if err := runStdin("link set lo up\nlink add "+bridge+" type bridge\nlink set "+bridge+" up\n",
-		"ip", "-n", SwitchNetns, "-batch", "-"); err != nil {
+		"nsenter", "-t", b.swPID(), "-n", "ip", "-batch", "-"); err != nil {
 		return err
 	}
 	for i := 0; i < n; i++ {
@@ -290,47 +355,13 @@ func (b *bed) build(n int) error {
 
 // boot starts the host's namespaces and its reaper.
 func (h *Host) boot(hostinit string) error {
-	lr, lw, err := os.Pipe()
-	if err != nil {
-		return err
-	}
-	h.lifeline = lw
-	rr, rw, err := os.Pipe()
-	if err != nil {
-		lr.Close()
-		return err
-	}
-	defer rr.Close()
-	var stderr strings.Builder
-	cmd := exec.Command("unshare", "--pid", "--fork", "--mount", "--mount-proc", "--net", "--uts",
+	var err error
+	h.init, err = startHolder("--pid", "--fork", "--mount", "--mount-proc", "--net", "--uts",
 		"--propagation", "private", hostinit, "reaper", h.Name, strconv.Itoa(h.FirstPID))
-	cmd.ExtraFiles = []*os.File{lr} // fd 3: the lifeline
-	cmd.Stdout = rw
-	cmd.Stderr = &stderr
-	cmd.Dir = "/"
-	err = cmd.Start()
-	lr.Close()
-	rw.Close()
 	if err != nil {
-		return fmt.Errorf("start unshare: %w", err)
+		return err
 	}
-	h.unshare = cmd
-	h.exited = make(chan struct{})
-	go func() {
-		cmd.Wait()
-		close(h.exited)
-	}()
-
-	rr.SetReadDeadline(time.Now().Add(10 * time.Second))
-	line, err := bufio.NewReader(rr).ReadString('\n')
-	if err != nil || line != "ready\n" {
-		select {
-		case <-h.exited:
-		case <-time.After(time.Second):
-		}
-		return fmt.Errorf("reaper did not start (%q, %v): %s", line, err, strings.TrimSpace(stderr.String()))
-	}
-	kids := childrenOf(cmd.Process.Pid)
+	kids := childrenOf(h.init.cmd.Process.Pid)
 	if len(kids) != 1 {
 		return fmt.Errorf("find reaper: unshare has children %v", kids)
 	}
@@ -341,18 +372,26 @@ func (h *Host) boot(hostinit string) error {
 	return nil
 }
 
+// swPID is the PID of the process holding the switch's network namespace.
+func (b *bed) swPID() string { return strconv.Itoa(b.sw.cmd.Process.Pid) }
+
 // plug connects the host to the switch.
 func (h *Host) plug() error {
 	port := h.port()
 	if err := run("ip", "link", "add", "eth0", "netns", strconv.Itoa(h.ReaperPID), "type", "veth",
-		"peer", "name", port, "netns", SwitchNetns); err != nil {
+		"peer", "name", port, "netns", h.bed.swPID()); err != nil {
 		return err
 	}
 	if err := runStdin(fmt.Sprintf("link set lo up\naddr add %s/24 dev eth0\nlink set eth0 up\n", h.IP),
 		"nsenter", "-t", strconv.Itoa(h.ReaperPID), "-n", "ip", "-batch", "-"); err != nil {
 		return err
 	}
-	return run("ip", "-n", SwitchNetns, "link", "set", port, "master", bridge, "up")
+	return h.bed.switchIP("link", "set", port, "master", bridge, "up")
+}
+
+// switchIP runs ip in the switch's network namespace.
+func (b *bed) switchIP(args ...string) error {
+	return run("nsenter", append([]string{"-t", b.swPID(), "-n", "ip"}, args...)...)
 }
 
 // port is the name of the host's veth end in the switch namespace.
@@ -367,9 +406,9 @@ func (b *bed) teardown() {
 			t.Errorf("bed teardown: %s: %v", b.hosts[i].Name, err)
 		}
 	}
-	if b.netns {
-		if err := run("ip", "netns", "del", SwitchNetns); err != nil {
-			t.Errorf("bed teardown: %v", err)
+	if b.sw != nil {
+		if err := b.sw.stop(); err != nil {
+			t.Errorf("bed teardown: switch: %v", err)
 		}
 	}
 	if b.dir != "" {
@@ -387,27 +426,10 @@ func (b *bed) teardown() {
 // stop takes the host down: closing the lifeline makes the reaper exit, and
 // the kernel kills every process of a PID namespace whose PID 1 exits.
 func (h *Host) stop() error {
-	if h.lifeline != nil {
-		h.lifeline.Close()
-	}
-	if h.unshare == nil {
+	if h.init == nil {
 		return nil
 	}
-	select {
-	case <-h.exited:
-		return nil
-	case <-time.After(10 * time.Second):
-	}
-	if h.ReaperPID > 0 {
-		syscall.Kill(h.ReaperPID, syscall.SIGKILL)
-	}
-	h.unshare.Process.Kill()
-	select {
-	case <-h.exited:
-		return fmt.Errorf("reaper %d ignored its lifeline; killed", h.ReaperPID)
-	case <-time.After(10 * time.Second):
-		return fmt.Errorf("host with reaper %d does not die", h.ReaperPID)
-	}
+	return h.init.stop(h.ReaperPID)
 }
 
 func run(name string, args ...string) error {
@@ -508,7 +530,7 @@ func (h *Host) Shape(t testing.TB, rate string) {
 // reaches the sender's sockets). LinkUp reconnects it.
 func (h *Host) LinkDown(t testing.TB) {
 	t.Helper()
-	if err := run("ip", "-n", SwitchNetns, "link", "set", h.port(), "down"); err != nil {
+	if err := h.bed.switchIP("link", "set", h.port(), "down"); err != nil {
 		t.Fatalf("%s: link down: %v", h.Name, err)
 	}
 }
@@ -518,12 +540,12 @@ func (h *Host) LinkDown(t testing.TB) {
 // asynchronously, up to a second later).
 func (h *Host) LinkUp(t testing.TB) {
 	t.Helper()
-	if err := run("ip", "-n", SwitchNetns, "link", "set", h.port(), "up"); err != nil {
+	if err := h.bed.switchIP("link", "set", h.port(), "up"); err != nil {
 		t.Fatalf("%s: link up: %v", h.Name, err)
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		port, err1 := exec.Command("ip", "-n", SwitchNetns, "-o", "link", "show", "dev", h.port()).Output()
+		port, err1 := exec.Command("nsenter", "-t", h.bed.swPID(), "-n", "ip", "-o", "link", "show", "dev", h.port()).Output()
 		eth0, err2 := exec.Command("nsenter", "-t", strconv.Itoa(h.ReaperPID), "-n", "ip", "-o", "link", "show", "dev", "eth0").Output()
 		if err1 == nil && err2 == nil && strings.Contains(string(port), "state UP") && strings.Contains(string(eth0), "state UP") {
 			return

@@ -10,6 +10,11 @@
  *       host, so the host dies with the test process even when the test
  *       process is killed.
  *
+ *   hostinit hold
+ *       Holds the namespaces it was started in (by `unshare --net ...`: the
+ *       switch joining the hosts): prints "ready" on stdout and waits until
+ *       fd 3, the lifeline, reports hang-up.
+ *
  *   hostinit spawn DIR STDOUT STDERR PROG ARGS...
  *       Run inside a host (via nsenter). Forks PROG as a session leader with
  *       DIR as working directory, stdin from /dev/null, stdout/stderr appended
@@ -51,6 +56,32 @@ static void close_from(int lowfd)
 		close(fd);
 }
 
+/* lifeline checks fd 3, the lifeline, and makes it close-on-exec. */
+static void lifeline(void)
+{
+	if (fcntl(3, F_GETFD) < 0) {
+		fprintf(stderr, "hostinit: needs its lifeline on fd 3\n");
+		exit(2);
+	}
+	fcntl(3, F_SETFD, FD_CLOEXEC);
+}
+
+/* detach_stdio reports readiness and lets go of the caller's stdio. */
+static void detach_stdio(void)
+{
+	int fd;
+	if (write(1, "ready\n", 6) != 6)
+		die("write ready");
+	fd = open("/dev/null", O_RDWR);
+	if (fd < 0)
+		die("/dev/null");
+	dup2(fd, 0);
+	dup2(fd, 1);
+	dup2(fd, 2);
+	if (fd > 2)
+		close(fd);
+}
+
 static int reaper(const char *name, const char *first)
 {
 	sigset_t set;
@@ -86,22 +117,8 @@ static int reaper(const char *name, const char *first)
 	if (sfd < 0)
 		die("signalfd");
 
-	if (fcntl(3, F_GETFD) < 0) {
-		fprintf(stderr, "hostinit: reaper needs its lifeline on fd 3\n");
-		return 2;
-	}
-	fcntl(3, F_SETFD, FD_CLOEXEC);
-
-	if (write(1, "ready\n", 6) != 6)
-		die("write ready");
-	fd = open("/dev/null", O_RDWR);
-	if (fd < 0)
-		die("/dev/null");
-	dup2(fd, 0);
-	dup2(fd, 1);
-	dup2(fd, 2);
-	if (fd > 2)
-		close(fd);
+	lifeline();
+	detach_stdio();
 
 	for (;;) {
 		struct pollfd pfd[2] = {{.fd = 3, .events = POLLIN}, {.fd = sfd, .events = POLLIN}};
@@ -116,6 +133,18 @@ static int reaper(const char *name, const char *first)
 		while (waitpid(-1, NULL, WNOHANG) > 0)
 			;
 	}
+}
+
+static int hold(void)
+{
+	struct pollfd pfd = {.fd = 3, .events = POLLIN};
+	lifeline();
+	if (chdir("/") < 0)
+		die("chdir");
+	detach_stdio();
+	while (poll(&pfd, 1, -1) < 0 && errno == EINTR)
+		;
+	return 0;
 }
 
 static int spawn(char **argv)
@@ -188,10 +217,12 @@ int main(int argc, char **argv)
 {
 	if (argc >= 4 && strcmp(argv[1], "reaper") == 0)
 		return reaper(argv[2], argv[3]);
+	if (argc == 2 && strcmp(argv[1], "hold") == 0)
+		return hold();
 	if (argc >= 6 && strcmp(argv[1], "spawn") == 0)
 		return spawn(argv + 2);
 	if (argc >= 4 && strcmp(argv[1], "exec") == 0)
 		return run(argv + 2);
-	fprintf(stderr, "usage: hostinit reaper NAME FIRSTPID | spawn DIR OUT ERR PROG ARGS... | exec DIR PROG ARGS...\n");
+	fprintf(stderr, "usage: hostinit reaper NAME FIRSTPID | hold | spawn DIR OUT ERR PROG ARGS... | exec DIR PROG ARGS...\n");
 	return 2;
 }
