@@ -34,6 +34,8 @@ const (
 	dirPrefix = "mge2e-h"
 	// MaxHosts is the largest n NewHosts accepts.
 	MaxHosts = 8
+	// RunTimeout bounds a command run by Host.Run.
+	RunTimeout = 10 * time.Minute
 )
 
 // Host is one simulated host: a PID, mount (with its own /proc), network and
@@ -502,10 +504,14 @@ func childrenOf(pid int) []int {
 }
 
 // Run runs name inside the host (see Command) and returns its combined
-// output; it fails the test, showing the output, when the command fails.
+// output; it fails the test, showing the output, when the command fails or
+// runs longer than RunTimeout. It works in cleanup functions too (it does
+// not use t.Context, which is cancelled before them).
 func (h *Host) Run(t testing.TB, name string, args ...string) string {
 	t.Helper()
-	out, err := h.Command(t.Context(), name, args...).CombinedOutput()
+	ctx, cancel := context.WithTimeout(context.Background(), RunTimeout)
+	defer cancel()
+	out, err := h.Command(ctx, name, args...).CombinedOutput()
 	if err != nil {
 		t.Fatalf("%s: %s %s: %v\n%s", h.Name, name, strings.Join(args, " "), err, out)
 	}
