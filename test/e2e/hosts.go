@@ -258,7 +258,7 @@ func acquireLock(t testing.TB) (*os.File, error) {
 // removeLeftovers deletes what a crashed earlier bed may have left. The
 // caller holds LockFile, so nothing of that kind can belong to a live bed.
 func removeLeftovers() error {
-	pids, err := staleReapers()
+	pids, err := staleHolders()
 	if err != nil {
 		return err
 	}
@@ -268,10 +268,10 @@ func removeLeftovers() error {
 	deadline := time.Now().Add(5 * time.Second)
 	for len(pids) > 0 {
 		if time.Now().After(deadline) {
-			return fmt.Errorf("stale host reapers %v did not exit", pids)
+			return fmt.Errorf("stale namespace holders %v did not exit", pids)
 		}
 		time.Sleep(5 * time.Millisecond)
-		if pids, err = staleReapers(); err != nil {
+		if pids, err = staleHolders(); err != nil {
 			return err
 		}
 	}
@@ -284,10 +284,10 @@ func removeLeftovers() error {
 	return nil
 }
 
-// staleReapers lists the global PIDs of hostinit processes holding a host or
+// staleHolders lists the global PIDs of hostinit processes holding a host or
 // a switch. They exit with the test process that started them; one still
 // running without a live bed is stuck.
-func staleReapers() ([]int, error) {
+func staleHolders() ([]int, error) {
 	ents, err := os.ReadDir("/proc")
 	if err != nil {
 		return nil, err
