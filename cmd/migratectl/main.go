@@ -1,10 +1,12 @@
-// Command migratectl is part of migrated, live migration of Linux process trees.
+// Command migratectl drives the local migrated agent: move a process to
+// another host, check whether it can move, list, watch and cancel
+// migrations.
 package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/signal"
 	"syscall"
@@ -15,15 +17,16 @@ func main() {
 	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()
 	if err != nil {
+		var ee exitError
+		if errors.As(err, &ee) {
+			os.Exit(int(ee))
+		}
 		fmt.Fprintf(os.Stderr, "migratectl: %v\n", err)
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	_ = ctx
-	_ = args
-	_ = stdout
-	_ = stderr
-	return nil
-}
+// exitError ends the program with a status after the error was printed.
+type exitError int
+
+func (e exitError) Error() string { return fmt.Sprintf("exit status %d", int(e)) }

@@ -1,10 +1,11 @@
-// Command migrated is part of migrated, live migration of Linux process trees.
+// Command migrated is the migration agent: one runs on every host, serving
+// the Control API on a unix socket (for migratectl and orchestrators) and
+// the Peer API on TCP (for other agents).
 package main
 
 import (
 	"context"
 	"fmt"
-	"io"
 	"os"
 	"os/signal"
 	"syscall"
@@ -18,12 +19,4 @@ func main() {
 		fmt.Fprintf(os.Stderr, "migrated: %v\n", err)
 		os.Exit(1)
 	}
-}
-
-func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	_ = ctx
-	_ = args
-	_ = stdout
-	_ = stderr
-	return nil
 }
