@@ -3,8 +3,11 @@ package criurpc
 import (
 	"bufio"
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -159,4 +162,78 @@ func TestPageServerAcrossHosts(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("moved PID %d from %s to %s through a page server in %s: %d pages", p.PID, a.Name, b.Name, b.Name, d.PagesWritten)
+}
+
+// minPipeSize is what CRIU's lazy pages need of fs.pipe-max-size where root
+// lacks CAP_SYS_RESOURCE (its 4 MiB pipes fail silently otherwise).
+const minPipeSize = 4 << 20
+
+// raisePipeMaxSize makes sure fs.pipe-max-size is at least minPipeSize
+// during the test and restores it afterwards.
+func raisePipeMaxSize(t *testing.T) {
+	t.Helper()
+	const path = "/proc/sys/fs/pipe-max-size"
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := strings.TrimSpace(string(b))
+	if n, err := strconv.Atoi(old); err == nil && n >= minPipeSize {
+		return
+	}
+	if err := os.WriteFile(path, []byte(strconv.Itoa(minPipeSize)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.WriteFile(path, []byte(old), 0o644) })
+}
+
+func TestLazyPagesAcrossHosts(t *testing.T) {
+	e2e.RequireCRIU(t)
+	raisePipeMaxSize(t)
+	hs := e2e.NewHosts(t, 2)
+	a, b := hs[0], hs[1]
+	p := e2e.StartMemhog(t, a, e2e.MemhogOptions{MemMiB: 32, HotMiB: 4})
+	before := e2e.Verify(t, p)
+	img, dst := filepath.Join(a.Dir, "img"), filepath.Join(b.Dir, "img")
+	for _, d := range []string{img, dst} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const port = 27027 // in host A's own network namespace
+
+	dsc, dwait, dclose := helperCmd(t, a, helperRequest{Op: "lazy-dump", ImagesDir: img, PID: p.PID, Port: port})
+	dclose()
+	if r := readResult(t, a, dsc, "lazy-dump"); !r.Ready {
+		t.Fatalf("lazy dump answered %+v before its page server was ready", r)
+	}
+	frozen, err := p.Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The images without the lazy memory go to B; the memory follows on
+	// demand.
+	copyMissing(t, img, dst)
+	rsc, rwait, rclose := helperCmd(t, b, helperRequest{Op: "lazy-restore", ImagesDir: dst, Address: a.IP, Port: port})
+	rclose()
+	r := readResult(t, b, rsc, "lazy-restore")
+	checkMoved(t, p, b, before, frozen, r.PID)
+	readResult(t, b, rsc, "lazy-pages")
+	if err := rwait(); err != nil {
+		t.Fatalf("lazy-restore helper: %v", err)
+	}
+	d := readResult(t, a, dsc, "lazy-dump")
+	if err := dwait(); err != nil {
+		t.Fatalf("lazy-dump helper: %v", err)
+	}
+	if d.PagesLazy < 32*256/2 {
+		t.Fatalf("lazy dump left %d pages lazy, want most of 32 MiB", d.PagesLazy)
+	}
+	// All pages arrived: the copy still runs with intact memory, and the
+	// source is gone.
+	e2e.Verify(t, p.On(b))
+	if _, err := p.Info(); !errors.Is(err, e2e.ErrNoProcess) {
+		t.Fatalf("source after the lazy dump finished: %v", err)
+	}
+	t.Logf("lazily moved PID %d from %s to %s: %d pages lazy, %d written", p.PID, a.Name, b.Name, d.PagesLazy, d.PagesWritten)
 }

@@ -17,7 +17,8 @@ const helperEnv = "CRIURPC_TEST_HELPER"
 
 // helperRequest is what the helper should do.
 type helperRequest struct {
-	Op           string // "dump", "restore" or "page-server"
+	// "dump", "restore", "page-server", "lazy-dump" or "lazy-restore"
+	Op           string
 	ImagesDir    string
 	PID          int
 	LeaveStopped bool
@@ -27,15 +28,20 @@ type helperRequest struct {
 	Port    int
 }
 
-// helperResult is the helper's answer, one JSON line. A page server
-// answers twice: once started, then after Wait (the test writes a line to
-// the helper's stdin to ask for it).
+// helperResult is the helper's answer, one JSON line. Some operations
+// answer twice: a page server once started, then after Wait (the test writes
+// a line to the helper's stdin to ask for it); a lazy dump when its page
+// server is ready, then when all pages were fetched; a lazy restore when the
+// tree runs, then when the lazy-pages daemon finished.
 type helperResult struct {
 	PID           int
 	Port          int
 	PagesWritten  uint64
 	PagesRestored uint64
-	Err           string
+	PagesLazy     uint64
+	// Ready: a lazy dump's page server listens.
+	Ready bool
+	Err   string
 }
 
 func TestMain(m *testing.M) {
@@ -94,6 +100,36 @@ func helperDo(ctx context.Context, req helperRequest, enc *json.Encoder) helperR
 		// Any line, or EOF, on stdin asks for Wait.
 		bufio.NewReader(os.Stdin).ReadString('\n')
 		if err := ps.Wait(ctx); err != nil {
+			return helperResult{Err: err.Error()}
+		}
+		return helperResult{}
+	}
+	case "lazy-dump":
+		o := DumpOptions{ImagesDir: req.ImagesDir, PID: req.PID, LazyPages: true,
+			PageServer: &PageServerTarget{Port: req.Port}}
+		ready := &Hooks{StatusReady: func(context.Context) error {
+			return enc.Encode(helperResult{Ready: true})
+		}}
+		st, err := c.Dump(ctx, o, ready)
+		if err != nil {
+			return helperResult{Err: err.Error()}
+		}
+		if st == nil {
+			return helperResult{Err: "dump without stats"}
+		}
+		return helperResult{PagesWritten: st.PagesWritten, PagesLazy: st.PagesLazy}
+	case "lazy-restore":
+		lp, err := c.StartLazyPages(ctx, LazyPagesOptions{ImagesDir: req.ImagesDir, Address: req.Address, Port: req.Port})
+		if err != nil {
+			return helperResult{Err: err.Error()}
+		}
+		res, err := c.Restore(ctx, RestoreOptions{ImagesDir: req.ImagesDir, LazyPages: true}, nil)
+		if err != nil {
+			lp.Kill()
+			return helperResult{Err: err.Error()}
+		}
+		enc.Encode(helperResult{PID: res.PID})
+		if err := lp.Wait(ctx); err != nil {
 			return helperResult{Err: err.Error()}
 		}
 		return helperResult{}

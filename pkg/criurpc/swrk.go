@@ -97,24 +97,13 @@ func (c *Client) startSwrk(ctx context.Context, files []*os.File) (*swrk, error)
 		return nil, fmt.Errorf("swrk socket: unexpected type %T", nc)
 	}
 
-	memfd, err := unix.MemfdCreate("criu-stderr", unix.MFD_CLOEXEC)
-	if err != nil {
-		uc.Close()
-		return nil, fmt.Errorf("criu stderr memfd: %w", err)
-	}
-	stderr := os.NewFile(uintptr(memfd), "criu-stderr")
-
 	cmd := exec.Command(c.path(), "swrk", strconv.Itoa(swrkFD))
 	cmd.ExtraFiles = append([]*os.File{theirs}, files...)
-	cmd.Stderr = stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
+	p, err := startProc(cmd)
+	if err != nil {
 		uc.Close()
-		stderr.Close()
-		return nil, fmt.Errorf("start %s swrk: %w", c.path(), err)
+		return nil, err
 	}
-	p := &swrkProc{cmd: cmd, pid: cmd.Process.Pid, stderr: stderr, exited: make(chan struct{})}
-	go p.reap()
 	s := &swrk{
 		log:  c.logger().With("criu_pid", p.pid),
 		conn: uc,
@@ -124,6 +113,25 @@ func (c *Client) startSwrk(ctx context.Context, files []*os.File) (*swrk, error)
 	}
 	s.log.Trace("criu swrk started")
 	return s, nil
+}
+
+// startProc starts cmd in its own process group with its stderr kept in a
+// memfd, and reaps it in the background.
+func startProc(cmd *exec.Cmd) (*swrkProc, error) {
+	memfd, err := unix.MemfdCreate("criu-stderr", unix.MFD_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("criu stderr memfd: %w", err)
+	}
+	stderr := os.NewFile(uintptr(memfd), "criu-stderr")
+	cmd.Stderr = stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		stderr.Close()
+		return nil, fmt.Errorf("start %s: %w", strings.Join(cmd.Args, " "), err)
+	}
+	p := &swrkProc{cmd: cmd, pid: cmd.Process.Pid, stderr: stderr, exited: make(chan struct{})}
+	go p.reap()
+	return p, nil
 }
 
 // reap waits for the process. It first waits without reaping so that a

@@ -118,6 +118,7 @@ type MoveEvent struct {
 	MigrationID     string  `json:"migration_id"`
 	Phase           string  `json:"phase"`
 	Message         string  `json:"message"`
+	ElapsedMs       int64   `json:"elapsed_ms"`
 	Round           int     `json:"round"`
 	PagesScanned    uint64  `json:"pages_scanned"`
 	PagesSent       uint64  `json:"pages_sent"`

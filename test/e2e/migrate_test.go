@@ -157,6 +157,9 @@ func TestMoveMemhog(t *testing.T) {
 			}
 			r := b.SrcAgent.Move(t, p.PID, b.DstAgent, "--mode", mode)
 			assertMoved(t, b, p, r, before)
+			for _, e := range r.Events {
+				t.Logf("%6d ms %-8s %s", e.ElapsedMs, e.Phase, e.Message)
+			}
 			rounds := int(*r.Last.Rounds)
 			dump, ok := finalDumpEvent(r)
 			if !ok {
