@@ -111,6 +111,18 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	})
 	dest := phaul.NewDestination(phaul.DestConfig{Local: dst, Journal: journal, Logger: log.Named("phaul"), Hooks: hooks})
 
+	// Recovery: the destination side first, so that decisions this agent
+	// re-sends to itself (a host migrating to itself) find their records.
+	if kept, notes := dest.Recover(); len(notes) > 0 {
+		for _, n := range notes {
+			log.Warn("recovery: " + n)
+		}
+		log.Info("recovery: destination side", "kept", len(kept))
+	}
+	if recs := source.Recover(); len(recs) > 0 {
+		log.Info("recovery: driving unfinished migrations to an end", "count", len(recs))
+	}
+
 	peerLn, err := net.Listen("tcp", cfg.listen)
 	if err != nil {
 		return fmt.Errorf("peer API: %w", err)

@@ -199,7 +199,7 @@ func (s *Source) Dump(ctx context.Context, req phaul.DumpRequest) (phaul.DumpRes
 	frozenAt := time.Now()
 	stats, derr := s.criu.Dump(ctx, criurpc.DumpOptions{
 		ImagesDir: dir, PID: req.Tree.Root(), LeaveStopped: true,
-		PageServer: &criurpc.PageServerTarget{Conn: criuEnd},
+		PageServer:     &criurpc.PageServerTarget{Conn: criuEnd},
 		TCPEstablished: req.TCPEstablished, ShellJob: req.ShellJob,
 		NetworkLock: networkLock(req.TCPEstablished),
 	}, nil)

@@ -352,8 +352,15 @@ func (d *Destination) Restore(ctx context.Context, id string) (RestoredTree, err
 		return RestoredTree{}, fmt.Errorf("%w: restore while image %s is incomplete", ErrBadState, m.imgName)
 	}
 	m.rec.State = DestRestoring
+	m.rec.DestPID = m.req.PIDs[0]
+	rec := m.rec
 	m.mu.Unlock()
 	log := d.log.With("migration_id", id)
+	// A crash from here on may leave a restored, stopped tree: recovery
+	// finds it through this record and keeps it for the source's decision.
+	if err := d.cfg.Journal.Put(rec); err != nil {
+		log.Error("journal write failed", "error", err)
+	}
 
 	fail := func(err error) (RestoredTree, error) {
 		m.mu.Lock()
@@ -382,7 +389,7 @@ func (d *Destination) Restore(ctx context.Context, id string) (RestoredTree, err
 	m.rec.State = DestRestored
 	m.rec.DestPID = t.PID
 	m.rec.PIDs = t.PIDs
-	rec := m.rec
+	rec = m.rec
 	m.mu.Unlock()
 	if err := d.cfg.Journal.Put(rec); err != nil {
 		log.Error("journal write failed", "error", err)

@@ -130,8 +130,8 @@ func (d *fakeDestLocal) Capabilities(context.Context) (Capabilities, error) {
 	return Capabilities{CRIUVersion: "4.2.1", PageServerHeaderSize: 32}, nil
 }
 func (d *fakeDestLocal) CheckCPU(context.Context, []byte) error { return nil }
-func (d *fakeDestLocal) PIDsInUse([]int) []int               { return d.pidsUsed }
-func (d *fakeDestLocal) FileProblems([]FileRef) []string     { return nil }
+func (d *fakeDestLocal) PIDsInUse([]int) []int                  { return d.pidsUsed }
+func (d *fakeDestLocal) FileProblems([]FileRef) []string        { return nil }
 func (d *fakeDestLocal) WorkDir(id string) (string, error) {
 	dir := filepath.Join(d.root, id)
 	return dir, os.MkdirAll(dir, 0o700)
@@ -170,7 +170,7 @@ type fakeReceiver struct{}
 
 func (fakeReceiver) HandleBatch(context.Context, *pagexfer.Batch) error { return nil }
 func (fakeReceiver) FinishFinal(context.Context) error                  { return nil }
-func (fakeReceiver) Close() error                                        { return nil }
+func (fakeReceiver) Close() error                                       { return nil }
 
 // localPeer calls a Destination in-process.
 type localPeer struct {
@@ -221,17 +221,19 @@ func (p *localPeer) Commit(ctx context.Context, id string) (int, error) {
 func (p *localPeer) Abort(ctx context.Context, id, reason string) error {
 	return p.d.Abort(ctx, id, reason)
 }
-func (p *localPeer) Status(_ context.Context, id string) (PeerState, error) { return p.d.Status(id), nil }
-func (p *localPeer) Close() error                                          { return nil }
+func (p *localPeer) Status(_ context.Context, id string) (PeerState, error) {
+	return p.d.Status(id), nil
+}
+func (p *localPeer) Close() error { return nil }
 
 type engineBed struct {
-	src   *fakeLocal
-	dst   *fakeDestLocal
-	peer  *localPeer
-	s     *Source
-	d     *Destination
-	srcJ  *Journal
-	dstJ  *Journal
+	src  *fakeLocal
+	dst  *fakeDestLocal
+	peer *localPeer
+	s    *Source
+	d    *Destination
+	srcJ *Journal
+	dstJ *Journal
 }
 
 func newEngineBed(t *testing.T) *engineBed {

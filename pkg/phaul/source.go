@@ -29,6 +29,9 @@ type SourceConfig struct {
 	CommitRetry time.Duration
 	// Hooks are failpoints for tests; nil in production.
 	Hooks Hooks
+	// Observe, when set, sees every event of every migration (metrics).
+	// It must not block.
+	Observe func(Event)
 }
 
 // Hooks lets tests inject faults at phase boundaries. A hook that returns
@@ -48,6 +51,7 @@ type Source struct {
 	migrations map[string]*Migration
 	wg         sync.WaitGroup
 	closing    bool
+	recovering []context.CancelFunc
 }
 
 // NewSource returns a Source.
@@ -70,7 +74,8 @@ type Migration struct {
 	Req     MoveRequest
 	Started time.Time
 
-	cancel context.CancelFunc
+	cancel  context.CancelFunc
+	observe func(Event)
 
 	mu        sync.Mutex
 	events    []Event
@@ -145,6 +150,9 @@ func (m *Migration) Watch(ctx context.Context, fn func(Event) error) error {
 }
 
 func (m *Migration) emit(e Event) {
+	if m.observe != nil {
+		defer func() { m.observe(e) }()
+	}
 	m.mu.Lock()
 	e.ID = m.ID
 	e.Elapsed = time.Since(m.Started)
@@ -195,6 +203,7 @@ func (s *Source) Move(req MoveRequest) (*Migration, error) {
 		Req:     req,
 		Started: time.Now(),
 		cancel:  cancel,
+		observe: s.cfg.Observe,
 		changed: make(chan struct{}),
 		done:    make(chan struct{}),
 		state:   StateStarted,
@@ -294,6 +303,11 @@ func (s *Source) Close() {
 	for _, m := range ms {
 		_ = s.Cancel(m.ID)
 	}
+	s.mu.Lock()
+	for _, cancel := range s.recovering {
+		cancel()
+	}
+	s.mu.Unlock()
 	s.wg.Wait()
 }
 
@@ -403,7 +417,7 @@ func (s *Source) run(ctx context.Context, m *Migration) (out Outcome) {
 		m.setState(rec.State)
 		log.Warn("migration failed", "phase", ph, "error", err, "process_location", loc)
 		return Outcome{
-			Err: &PhaseError{ID: m.ID, Phase: ph, Err: err, Location: loc, Advice: advice},
+			Err:         &PhaseError{ID: m.ID, Phase: ph, Err: err, Location: loc, Advice: advice},
 			FailedPhase: ph, ProcessLocation: loc, Advice: advice,
 			Total: time.Since(start), Rounds: len(rounds), WireBytes: wire, RawBytes: raw,
 		}
