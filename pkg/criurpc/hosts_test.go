@@ -222,12 +222,21 @@ func TestLazyPagesAcrossHosts(t *testing.T) {
 	if err := rwait(); err != nil {
 		t.Fatalf("lazy-restore helper: %v", err)
 	}
-	d := readResult(t, a, dsc, "lazy-dump")
+	readResult(t, a, dsc, "lazy-dump")
 	if err := dwait(); err != nil {
 		t.Fatalf("lazy-dump helper: %v", err)
 	}
-	if d.PagesLazy < 32*256/2 {
-		t.Fatalf("lazy dump left %d pages lazy, want most of 32 MiB", d.PagesLazy)
+	// The memory was not in the images: it went lazily. (CRIU's stats do
+	// not show it: its lazy page server resets the dump's counters.)
+	var local int64
+	pages, _ := filepath.Glob(filepath.Join(img, "pages-*.img"))
+	for _, f := range pages {
+		if fi, err := os.Stat(f); err == nil {
+			local += fi.Size()
+		}
+	}
+	if local > 4<<20 {
+		t.Fatalf("lazy dump wrote %d bytes of pages into its images, want the 32 MiB to go lazily", local)
 	}
 	// All pages arrived: the copy still runs with intact memory, and the
 	// source is gone.
@@ -235,5 +244,5 @@ func TestLazyPagesAcrossHosts(t *testing.T) {
 	if _, err := p.Info(); !errors.Is(err, e2e.ErrNoProcess) {
 		t.Fatalf("source after the lazy dump finished: %v", err)
 	}
-	t.Logf("lazily moved PID %d from %s to %s: %d pages lazy, %d written", p.PID, a.Name, b.Name, d.PagesLazy, d.PagesWritten)
+	t.Logf("lazily moved PID %d from %s to %s: %d bytes of pages in the images", p.PID, a.Name, b.Name, local)
 }

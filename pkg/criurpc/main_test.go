@@ -38,7 +38,6 @@ type helperResult struct {
 	Port          int
 	PagesWritten  uint64
 	PagesRestored uint64
-	PagesLazy     uint64
 	// Ready: a lazy dump's page server listens.
 	Ready bool
 	Err   string
@@ -103,7 +102,6 @@ func helperDo(ctx context.Context, req helperRequest, enc *json.Encoder) helperR
 			return helperResult{Err: err.Error()}
 		}
 		return helperResult{}
-	}
 	case "lazy-dump":
 		o := DumpOptions{ImagesDir: req.ImagesDir, PID: req.PID, LazyPages: true,
 			PageServer: &PageServerTarget{Port: req.Port}}
@@ -117,7 +115,7 @@ func helperDo(ctx context.Context, req helperRequest, enc *json.Encoder) helperR
 		if st == nil {
 			return helperResult{Err: "dump without stats"}
 		}
-		return helperResult{PagesWritten: st.PagesWritten, PagesLazy: st.PagesLazy}
+		return helperResult{PagesWritten: st.PagesWritten}
 	case "lazy-restore":
 		lp, err := c.StartLazyPages(ctx, LazyPagesOptions{ImagesDir: req.ImagesDir, Address: req.Address, Port: req.Port})
 		if err != nil {

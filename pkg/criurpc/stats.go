@@ -26,7 +26,9 @@ const (
 	maxStatsEntry = 1 << 16
 )
 
-// DumpStats are CRIU's statistics of a dump or pre-dump (stats-dump).
+// DumpStats are CRIU's statistics of a dump or pre-dump (stats-dump). After
+// a lazy dump (DumpOptions.LazyPages) the page counters read 0: CRIU 4.2's
+// lazy page server resets them before the file is written.
 type DumpStats struct {
 	// FreezingTime is how long freezing the tree took.
 	FreezingTime time.Duration
