@@ -84,7 +84,8 @@ func (s *swrk) failure(op opInfo, resp *rpcpb.CriuResp, cause error) *Error {
 		// CRIU may be on its way out: its exit status and stderr
 		// explain a crash.
 		if resp == nil {
-			s.close(context.Background())
+			s.conn.Close()
+			s.wait(context.Background(), true)
 		}
 		if tail := s.proc.stderrTail(); len(tail) > 0 {
 			if e.Msg == "" {

@@ -47,6 +47,9 @@ func TestMain(m *testing.M) {
 	if req := os.Getenv(helperEnv); req != "" {
 		os.Exit(runHelper(req))
 	}
+	if scenario := os.Getenv(fakeCRIUEnv); scenario != "" {
+		os.Exit(runFakeCRIU(scenario))
+	}
 	os.Exit(m.Run())
 }
 

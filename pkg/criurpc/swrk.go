@@ -207,6 +207,7 @@ func (s *swrk) abort() {
 func (s *swrk) close(ctx context.Context) {
 	s.conn.Close()
 	s.wait(ctx, true)
+	s.release()
 }
 
 // finish reaps CRIU after its final answer. CRIU exits by itself then; only
@@ -215,6 +216,14 @@ func (s *swrk) close(ctx context.Context) {
 func (s *swrk) finish(ctx context.Context) {
 	s.conn.Close()
 	s.wait(ctx, false)
+	s.release()
+}
+
+// release frees what the session keeps after CRIU exited.
+func (s *swrk) release() {
+	if s.proc != nil {
+		s.proc.stderr.Close()
+	}
 }
 
 func (s *swrk) wait(ctx context.Context, group bool) {
@@ -234,7 +243,6 @@ func (s *swrk) wait(ctx context.Context, group bool) {
 		p.kill(group)
 		<-p.exited
 	}
-	p.stderr.Close()
 	if p.waitErr != nil {
 		s.log.Trace("criu swrk exited", "status", p.waitErr)
 	}
@@ -358,11 +366,14 @@ func (s *swrk) call(ctx context.Context, req *rpcpb.CriuReq, want rpcpb.CriuReqT
 		return err
 	}
 	if err := s.send(req); err != nil {
+		s.abort()
 		return res, ctxErr(err)
 	}
 	for {
 		resp, files, err := s.recv()
 		if err != nil {
+			// CRIU is gone, or talks nonsense: make sure it is gone.
+			s.abort()
 			return res, ctxErr(err)
 		}
 		switch t := resp.GetType(); {
@@ -376,6 +387,7 @@ func (s *swrk) call(ctx context.Context, req *rpcpb.CriuReq, want rpcpb.CriuReqT
 				NotifySuccess: proto.Bool(nerr == nil),
 			}
 			if err := s.send(answer); err != nil {
+				s.abort()
 				return res, ctxErr(err)
 			}
 		case t == want, t == rpcpb.CriuReqType_EMPTY && !resp.GetSuccess():
