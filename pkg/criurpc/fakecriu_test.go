@@ -2,6 +2,7 @@ package criurpc
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -32,7 +33,7 @@ func runFakeCRIU(scenario string) int {
 		os.WriteFile(f, []byte(strconv.Itoa(os.Getpid())), 0o644)
 	}
 	if len(os.Args) != 3 || os.Args[1] != "swrk" || os.Args[2] != "3" {
-		fmt.Fprintf(os.Stderr, "fake criu: args %q, want swrk 3\\n", os.Args[1:])
+		fmt.Fprintf(os.Stderr, "fake criu: args %q, want swrk 3\n", os.Args[1:])
 		return 2
 	}
 	p := &fakeCRIU{fd: 3}
@@ -74,11 +75,7 @@ func runFakeCRIU(scenario string) int {
 			if err := os.WriteFile(filepath.Join(dir, "stats-dump"), fakeStats(uint64(100+i)), 0o644); err != nil {
 				return fail("request %d: images dir: %v", i, err)
 			}
-			if want == rpcpb.CriuReqType_DUMP {
-				p.sendQuiet(&rpcpb.CriuResp{Type: want.Enum(), Success: proto.Bool(true)})
-			} else {
-				p.sendQuiet(&rpcpb.CriuResp{Type: want.Enum(), Success: proto.Bool(true)})
-			}
+			p.sendQuiet(&rpcpb.CriuResp{Type: want.Enum(), Success: proto.Bool(true)})
 		}
 		if req := p.recvQuiet(); req != nil {
 			return fail("request after the dump: %v", req)
@@ -107,11 +104,9 @@ func fakeStats(pagesWritten uint64) []byte {
 		PagesWritten: proto.Uint64(pagesWritten), PagesLazy: proto.Uint64(0),
 	}}
 	pb, _ := proto.Marshal(e)
-	b := make([]byte, 12, 12+len(pb))
-	putU32 := func(off int, v uint32) { *(*[4]byte)(b[off:]) = [4]byte{byte(v), byte(v >> 8), byte(v >> 16), byte(v >> 24)} }
-	putU32(0, imgServiceMagic)
-	putU32(4, statsMagic)
-	putU32(8, uint32(len(pb)))
+	b := binary.NativeEndian.AppendUint32(nil, imgServiceMagic)
+	b = binary.NativeEndian.AppendUint32(b, statsMagic)
+	b = binary.NativeEndian.AppendUint32(b, uint32(len(pb)))
 	return append(b, pb...)
 }
 
