@@ -75,7 +75,13 @@
 // destination; the dump returns only when every page was fetched, and
 // StageStatusReady announces that the server listens. A restore with
 // RestoreOptions.LazyPages needs a `criu lazy-pages` daemon on its work
-// directory.
+// directory, connected to that server: CRIU has no RPC request for it, so
+// StartLazyPages runs `criu lazy-pages` with command-line options and
+// returns once it listens (--status-fd); LazyPages.Wait returns once every
+// page reached the restored tree. The destination needs the dump's other
+// images before the daemon starts. Lazy pages need userfaultfd
+// (Features.LazyPages) and, where root lacks CAP_SYS_RESOURCE,
+// fs.pipe-max-size of at least 4 MiB.
 //
 // # Restored processes and their parent
 //
@@ -138,7 +144,11 @@
 // the context's error; when CRIU dies it returns ErrCRIUExited; when CRIU
 // sends something that is not a valid answer it kills CRIU and returns
 // ErrProtocol. In every case the CRIU process is reaped before the operation
-// returns, or, for sessions, when their owner ends them.
+// returns, or, for sessions, when their owner ends them. Killing CRIU in the
+// middle of a dump lets the kernel detach the tree, which runs on; killing it
+// in the middle of a restore can leave partly restored tasks that are not in
+// CRIU's process group: the caller should kill the restored PIDs it knows
+// of.
 //
 // # Statistics
 //

@@ -370,6 +370,11 @@ func TestPreDumpWithoutSoftDirty(t *testing.T) {
 		t.Fatalf("error does not say why: %q", err)
 	}
 	t.Logf("pre-dump refused: %v", err)
+	// So is a dump that would track memory for a later incremental dump.
+	_, err = c.Dump(ctx, DumpOptions{ImagesDir: dir, PID: w.pid, TrackMem: true}, nil)
+	if !errors.Is(err, ErrNoMemTracking) {
+		t.Fatalf("dump with TrackMem on a kernel without soft-dirty: %v, want ErrNoMemTracking", err)
+	}
 
 	// CRIU itself, asked with track_mem, refuses cleanly too (instead of
 	// aborting), and the error carries its message.
@@ -641,5 +646,32 @@ func TestPageServerKill(t *testing.T) {
 	if conn, err := net.Dial("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(ps.Port))); err == nil {
 		conn.Close()
 		t.Fatalf("port %d still accepts connections", ps.Port)
+	}
+}
+
+func TestRestoreSibling(t *testing.T) {
+	c := testClient(t)
+	ctx := t.Context()
+	w := startWorkload(t, 4)
+	dir := t.TempDir()
+	if _, err := c.Dump(ctx, DumpOptions{ImagesDir: dir, PID: w.pid}, nil); err != nil {
+		t.Fatal(err)
+	}
+	w.reap(t) // CRIU killed it after the dump
+	res, err := c.Restore(ctx, RestoreOptions{ImagesDir: dir, Sibling: true}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The restored root is the caller's child, which must reap it.
+	if _, ppid := procState(res.PID); ppid != os.Getpid() {
+		t.Fatalf("restored process has parent %d, want the test (%d)", ppid, os.Getpid())
+	}
+	w.verify(t)
+	if err := syscall.Kill(res.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	var ws syscall.WaitStatus
+	if _, err := syscall.Wait4(res.PID, &ws, 0, nil); err != nil || ws.Signal() != syscall.SIGKILL {
+		t.Fatalf("reap restored child: %v, %v", ws, err)
 	}
 }
