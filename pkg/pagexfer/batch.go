@@ -288,8 +288,9 @@ func nextEntry(b []byte) (entry, []byte) {
 	return e, b[1:]
 }
 
-// openBatch checks a batch's envelope and returns its uncompressed payload,
-// decompressed into buf's storage when it fits (or a new slice).
+// openBatch checks a batch's envelope and returns its uncompressed payload:
+// b.Payload itself when it is not compressed, otherwise decompressed into
+// buf's storage when it fits (or a new slice).
 func openBatch(b *Batch, dec *zstd.Decoder, buf []byte) ([]byte, error) {
 	bad := func(format string, args ...any) error {
 		return fmt.Errorf("batch %d: %w: %s", b.Seq, ErrBadBatch, fmt.Sprintf(format, args...))
@@ -309,7 +310,7 @@ func openBatch(b *Batch, dec *zstd.Decoder, buf []byte) ([]byte, error) {
 		if uint32(len(b.Payload)) != b.RawLen {
 			return nil, bad("payload of %d bytes, raw length %d", len(b.Payload), b.RawLen)
 		}
-		raw = append(buf[:0], b.Payload...)
+		raw = b.Payload
 	case CompressionZstd:
 		if dec == nil {
 			return nil, bad("zstd payload without a decoder")

@@ -150,7 +150,7 @@ func newMigration(t *testing.T, opts SenderOptions, budget int64) *migration {
 		m.mu.Lock()
 		m.batches = append(m.batches, c)
 		m.mu.Unlock()
-		return recv.HandleBatch(ctx, b)
+		return LocalSink(recv).SendBatch(ctx, b)
 	})
 	s, err := NewSender(sink, opts)
 	if err != nil {

@@ -134,6 +134,12 @@ func socketpair(t testing.TB) (net.Conn, *os.File) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	for _, fd := range fds {
+		// Room for a few MiB in flight each way, so neither end waits for
+		// the other on every page-pipe buffer.
+		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, 4<<20)
+		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 4<<20)
+	}
 	ours := os.NewFile(uintptr(fds[0]), "pagexfer")
 	theirs := os.NewFile(uintptr(fds[1]), "criu")
 	conn, err := net.FileConn(ours)
@@ -211,11 +217,17 @@ func newLink(t testing.TB, opts pagexfer.SenderOptions) *link {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := grpc.NewServer()
+	// Large flow-control windows and buffers: with gRPC's defaults (64 KiB
+	// windows, 32 KiB buffers) a stream of MiB-sized messages spends its
+	// time in window updates and small writes.
+	srv := grpc.NewServer(grpc.InitialWindowSize(8<<20), grpc.InitialConnWindowSize(16<<20),
+		grpc.ReadBufferSize(1<<20), grpc.WriteBufferSize(1<<20), grpc.MaxRecvMsgSize(pagexfer.MaxBatchWire+4096))
 	migratev1.RegisterPeerServer(srv, &peer{recv: recv})
 	go srv.Serve(lis)
 	t.Cleanup(srv.Stop)
-	cc, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	cc, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithInitialWindowSize(8<<20), grpc.WithInitialConnWindowSize(16<<20),
+		grpc.WithReadBufferSize(1<<20), grpc.WithWriteBufferSize(1<<20))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -109,8 +110,11 @@ func (r *Receiver) Stats() ReceiverStats {
 	}
 }
 
-// HandleBatch takes the next batch. It does not keep b after returning.
-// An error means the stream cannot continue.
+// HandleBatch takes the next batch. It does not keep b, but it keeps
+// b.Payload of a final batch until the replay wrote it: the caller must
+// not modify or reuse that memory (a gRPC message's payload is fresh for
+// every message; LocalSink copies for a Sender in the same process). An
+// error means the stream cannot continue.
 func (r *Receiver) HandleBatch(ctx context.Context, b *Batch) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -145,7 +149,9 @@ func (r *Receiver) handlePrecopy(b *Batch) error {
 	if err != nil {
 		return err
 	}
-	r.pbuf = raw
+	if b.Compression != CompressionNone {
+		r.pbuf = raw // ours; an uncompressed payload is the caller's
+	}
 	rr, err := newRecordReader(raw, b.Seq, BatchPrecopy)
 	if err != nil {
 		return err
@@ -279,11 +285,29 @@ func (r *Receiver) StartReplay(ctx context.Context, ps io.ReadWriter, hdrSize in
 	return nil
 }
 
+// replayState is the replay goroutine's connection to the page server.
+type replayState struct {
+	ps      io.ReadWriter
+	w       *bufio.Writer // small commands, flushed before replies and data
+	enc     *psproto.Encoder
+	hdrSize int
+	hdr     []byte
+	page    []byte
+	zero    []byte
+	scratch []byte   // pages read from the store for one command
+	bufs    [][]byte // one command's header and pages, written with writev
+}
+
 func (r *Receiver) runReplay(ctx context.Context, rp *replayer, ps io.ReadWriter, hdrSize int) error {
-	w := bufio.NewWriterSize(ps, 1<<20)
-	enc := psproto.NewEncoder(w, hdrSize)
-	page := make([]byte, PageSize)
-	zero := make([]byte, PageSize)
+	w := bufio.NewWriterSize(ps, 64<<10)
+	rs := &replayState{
+		ps:      ps,
+		w:       w,
+		enc:     psproto.NewEncoder(w, hdrSize),
+		hdrSize: hdrSize,
+		page:    make([]byte, PageSize),
+		zero:    make([]byte, PageSize),
+	}
 	acked := false
 	for {
 		var it finalItem
@@ -311,7 +335,7 @@ func (r *Receiver) runReplay(ctx context.Context, rp *replayer, ps io.ReadWriter
 			if !ok {
 				break
 			}
-			done, err := r.replayCommand(w, enc, ps, rec, page, zero)
+			done, err := r.replayCommand(rs, rec)
 			if err != nil {
 				return fmt.Errorf("replay batch %d, %v: %w", it.seq, rec.hdr, err)
 			}
@@ -335,8 +359,9 @@ func (r *Receiver) runReplay(ctx context.Context, rp *replayer, ps io.ReadWriter
 
 // replayCommand writes one command to the page server; done reports that
 // CLOSE was acknowledged.
-func (r *Receiver) replayCommand(w *bufio.Writer, enc *psproto.Encoder, ps io.Reader, rec record, page, zero []byte) (done bool, err error) {
+func (r *Receiver) replayCommand(rs *replayState, rec record) (done bool, err error) {
 	h := rec.hdr
+	w, enc, ps, page := rs.w, rs.enc, rs.ps, rs.page
 	r.st.cmds.Add(1)
 	switch {
 	case h.Cmd == psproto.OpOpen:
@@ -381,34 +406,47 @@ func (r *Receiver) replayCommand(w *bufio.Writer, enc *psproto.Encoder, ps io.Re
 		}
 		return true, nil
 	case h.HasData():
-		if err := enc.WriteHeader(h); err != nil {
+		// Header and pages go out in one writev: page contents straight
+		// from the batch, referenced ones read from the store.
+		if err := w.Flush(); err != nil {
 			return false, err
 		}
+		hdr, err := psproto.AppendHeader(rs.hdr[:0], h, rs.hdrSize)
+		if err != nil {
+			return false, err
+		}
+		rs.hdr = hdr
+		if need := int(h.NrPages) * PageSize; cap(rs.scratch) < need {
+			rs.scratch = make([]byte, need)
+		}
+		bufs := append(rs.bufs[:0], hdr)
 		var stored, refs, zeros uint64
 		for es := rec.entries; len(es) > 0; {
 			var e entry
 			e, es = nextEntry(es)
-			var p []byte
 			switch e.kind {
 			case entData:
 				if err := r.store.Put(e.hash, e.data); err != nil {
 					return false, err
 				}
 				stored++
-				p = e.data
+				bufs = append(bufs, e.data)
 			case entRef:
-				if err := r.store.Get(e.hash, page); err != nil {
+				p := rs.scratch[refs*PageSize : (refs+1)*PageSize]
+				if err := r.store.Get(e.hash, p); err != nil {
 					return false, err
 				}
 				refs++
-				p = page
+				bufs = append(bufs, p)
 			default:
 				zeros++
-				p = zero
+				bufs = append(bufs, rs.zero)
 			}
-			if _, err := w.Write(p); err != nil {
-				return false, err
-			}
+		}
+		rs.bufs = bufs
+		nb := net.Buffers(bufs)
+		if _, err := nb.WriteTo(ps); err != nil {
+			return false, err
 		}
 		r.st.stored.Add(stored)
 		r.st.refs.Add(refs)

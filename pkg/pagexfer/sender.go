@@ -26,12 +26,22 @@ type BatchSink interface {
 	SendBatch(ctx context.Context, b *Batch) error
 }
 
-// SinkFunc adapts a function to a BatchSink; SinkFunc(receiver.HandleBatch)
-// connects a Sender to a Receiver in one process.
+// SinkFunc adapts a function to a BatchSink.
 type SinkFunc func(ctx context.Context, b *Batch) error
 
 // SendBatch calls f.
 func (f SinkFunc) SendBatch(ctx context.Context, b *Batch) error { return f(ctx, b) }
+
+// LocalSink connects a Sender to a Receiver in the same process: it hands
+// every batch to r with a copy of its payload, which the Receiver may keep
+// while the Sender reuses its own.
+func LocalSink(r *Receiver) BatchSink {
+	return SinkFunc(func(ctx context.Context, b *Batch) error {
+		c := *b
+		c.Payload = append([]byte(nil), b.Payload...)
+		return r.HandleBatch(ctx, &c)
+	})
+}
 
 // SenderOptions configure a Sender.
 type SenderOptions struct {
