@@ -245,6 +245,13 @@ func (d *Destination) HandleBatch(ctx context.Context, id string, b *pagexfer.Ba
 		m.rec.State = DestReceiving
 		m.mu.Unlock()
 	}
+	point := "dest-pages"
+	if b.Kind == pagexfer.BatchFinal {
+		point = "dest-final"
+	}
+	if err := d.hook(ctx, point); err != nil {
+		return err
+	}
 	if err := m.recv.HandleBatch(ctx, b); err != nil {
 		return err
 	}
@@ -267,6 +274,9 @@ func (d *Destination) ImageChunk(ctx context.Context, id, name string, offset ui
 		return err
 	}
 	if err := validImageName(name); err != nil {
+		return err
+	}
+	if err := d.hook(ctx, "dest-images"); err != nil {
 		return err
 	}
 	m.mu.Lock()
@@ -395,6 +405,9 @@ func (d *Destination) Restore(ctx context.Context, id string) (RestoredTree, err
 		log.Error("journal write failed", "error", err)
 	}
 	log.Info("restored, stopped, waiting for the decision", "pid", t.PID)
+	if err := d.hook(ctx, "dest-restored"); err != nil {
+		return RestoredTree{}, err
+	}
 	return t, nil
 }
 
@@ -423,6 +436,9 @@ func (d *Destination) Commit(ctx context.Context, id string) (int, error) {
 	if err := d.cfg.Local.Resume(m.tree); err != nil {
 		return 0, fmt.Errorf("resuming pid %d: %w", m.tree.PID, err)
 	}
+	if err := d.hook(ctx, "dest-resumed"); err != nil {
+		return 0, err
+	}
 	m.rec.State = DestCommitted
 	if err := d.cfg.Journal.Put(m.rec); err != nil {
 		d.log.Error("journal write failed", "migration_id", id, "error", err)
@@ -432,6 +448,9 @@ func (d *Destination) Commit(ctx context.Context, id string) (int, error) {
 	}
 	d.cfg.Local.Cleanup(id)
 	d.log.Info("committed: process resumed", "migration_id", id, "pid", m.tree.PID)
+	if err := d.hook(ctx, "dest-commit-ack"); err != nil {
+		return 0, err
+	}
 	return m.tree.PID, nil
 }
 

@@ -106,6 +106,8 @@ func (p Policy) Decide(rounds []RoundStats, memory uint64) Decision {
 	case n > 2 && !shrinking(rounds[n-2].PagesChanged, last.PagesChanged, p.MinShrink):
 		d.Stop, d.Reason = true, StopNotShrinking
 		d.Explanation = fmt.Sprintf("round %d changed %d pages after %d: the process dirties memory as fast as it is copied; estimated downtime %s", n, last.PagesChanged, rounds[n-2].PagesChanged, est.Round(time.Millisecond))
+	case n == 1:
+		d.Explanation = fmt.Sprintf("first round copied everything; another round measures the dirty rate (estimated downtime now %s)", est.Round(time.Millisecond))
 	default:
 		d.Explanation = fmt.Sprintf("estimated downtime %s above the target %s: another round", est.Round(time.Millisecond), p.DowntimeTarget)
 	}

@@ -41,27 +41,33 @@ func (s *Source) Recover() []Record {
 		todo = append(todo, r)
 	}
 	for _, r := range todo {
-		r := r
-		ctx, cancel := context.WithCancel(context.Background())
-		s.mu.Lock()
-		if s.closing {
-			s.mu.Unlock()
-			cancel()
-			break
-		}
-		s.recovering = append(s.recovering, cancel)
-		s.wg.Add(1)
-		s.mu.Unlock()
-		go func() {
-			defer s.wg.Done()
-			defer cancel()
-			s.recoverOne(ctx, r)
-		}()
+		s.resend(r, "the source agent restarted before the commit point")
 	}
 	return todo
 }
 
-func (s *Source) recoverOne(ctx context.Context, r Record) {
+// resend drives r to an end in a goroutine owned by the Source: a commit
+// decision is carried out and re-sent, anything else is aborted and the
+// abort re-sent, until the destination acknowledges or Close.
+func (s *Source) resend(r Record, why string) {
+	ctx, cancel := context.WithCancel(context.Background())
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		cancel()
+		return
+	}
+	s.recovering = append(s.recovering, cancel)
+	s.wg.Add(1)
+	s.mu.Unlock()
+	go func() {
+		defer s.wg.Done()
+		defer cancel()
+		s.recoverOne(ctx, r, why)
+	}()
+}
+
+func (s *Source) recoverOne(ctx context.Context, r Record, why string) {
 	log := s.log.With("migration_id", r.ID, "pid", r.PID, "destination", r.Peer)
 	tree := Tree{PIDs: r.PIDs}
 	if len(tree.PIDs) == 0 {
@@ -70,7 +76,9 @@ func (s *Source) recoverOne(ctx context.Context, r Record) {
 	commit := r.State == StateDecidedCommit
 	if !commit {
 		r.State = StateDecidedAbort
-		r.Error = joinErr(r.Error, "the source agent restarted before the commit point")
+		if why != "" {
+			r.Error = joinErr(r.Error, why)
+		}
 		if err := s.cfg.Journal.Put(r); err != nil {
 			log.Error("journal write failed", "error", err)
 		}
@@ -116,7 +124,7 @@ func (s *Source) recoverOne(ctx context.Context, r Record) {
 					r.Error = joinErr(r.Error, "recovered after an agent restart: committed")
 				}
 			} else {
-				err = peer.Abort(cctx, r.ID, "source agent restarted before the commit point")
+				err = peer.Abort(cctx, r.ID, joinErr(why, "aborted by the source"))
 				if err == nil {
 					r.State = StateAborted
 				}

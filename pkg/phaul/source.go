@@ -76,6 +76,7 @@ type Migration struct {
 
 	cancel  context.CancelFunc
 	observe func(Event)
+	log     hclog.Logger
 
 	mu        sync.Mutex
 	events    []Event
@@ -156,6 +157,9 @@ func (m *Migration) emit(e Event) {
 	m.mu.Lock()
 	e.ID = m.ID
 	e.Elapsed = time.Since(m.Started)
+	if m.log != nil {
+		m.log.Debug("event", "phase", e.Phase, "round", e.Round, "message", e.Message)
+	}
 	if e.Phase != 0 {
 		m.phase = e.Phase
 	}
@@ -174,6 +178,16 @@ func (m *Migration) setState(s string) {
 	m.state = s
 	m.mu.Unlock()
 }
+
+// Phase deadlines: a migration never hangs forever. A silent peer is
+// detected sooner by the transport's keepalive.
+var (
+	PrepareTimeout  = time.Minute
+	TransferTimeout = 10 * time.Minute
+	RestoreTimeout  = 10 * time.Minute
+	// RoundTimeout bounds one pre-copy round and the final dump.
+	RoundTimeout = 30 * time.Minute
+)
 
 // NewID returns a fresh migration id.
 func NewID() string {
@@ -204,6 +218,7 @@ func (s *Source) Move(req MoveRequest) (*Migration, error) {
 		Started: time.Now(),
 		cancel:  cancel,
 		observe: s.cfg.Observe,
+		log:     s.log.With("migration_id", req.ID),
 		changed: make(chan struct{}),
 		done:    make(chan struct{}),
 		state:   StateStarted,
@@ -391,9 +406,13 @@ func (s *Source) run(ctx context.Context, m *Migration) (out Outcome) {
 		case m.canceledNow():
 			err = fmt.Errorf("%w during %s", ErrCanceled, ph)
 		}
-		if prepped {
-			if err := s.abort(peer, m.ID, err.Error(), log); err != nil {
-				advice = strings.TrimPrefix(advice+"; ", "; ") + "the destination could not be told to discard its copy; it keeps it stopped and the source's agent retries"
+		// The decision is durable before it is acted on. Resume first: the
+		// destination never resumes its copy on its own, so the source may
+		// run again before the abort is acknowledged.
+		if frozen || prepped {
+			rec.State, rec.Error = StateDecidedAbort, err.Error()
+			if jerr := s.cfg.Journal.Put(rec); jerr != nil {
+				log.Error("journal write failed", "error", jerr)
 			}
 		}
 		if frozen {
@@ -401,6 +420,13 @@ func (s *Source) run(ctx context.Context, m *Migration) (out Outcome) {
 				log.Error("resume on the source failed", "error", rerr)
 				loc = "unknown"
 				advice = fmt.Sprintf("resume the frozen tree by hand: kill -CONT %v", tree.PIDs)
+			}
+		}
+		abortAcked := true
+		if prepped {
+			if aerr := s.abort(peer, m.ID, err.Error(), log); aerr != nil {
+				abortAcked = false
+				advice = strings.TrimPrefix(advice+"; ", "; ") + "the destination could not be told to discard its copy yet; it never resumes it on its own and this agent keeps re-sending the abort"
 			}
 		}
 		s.cfg.Local.Cleanup(m.ID)
@@ -411,8 +437,14 @@ func (s *Source) run(ctx context.Context, m *Migration) (out Outcome) {
 		if !prepped && !frozen {
 			rec.State = StateFailed
 		}
+		if !abortAcked {
+			rec.State = StateDecidedAbort
+		}
 		if jerr := s.cfg.Journal.Put(rec); jerr != nil {
 			log.Error("journal write failed", "error", jerr)
+		}
+		if !abortAcked {
+			s.resend(rec, "")
 		}
 		m.setState(rec.State)
 		log.Warn("migration failed", "phase", ph, "error", err, "process_location", loc)
@@ -453,7 +485,9 @@ func (s *Source) run(ctx context.Context, m *Migration) (out Outcome) {
 	if err := s.cfg.Journal.Put(rec); err != nil {
 		return fail(PhasePrepare, err)
 	}
-	res, err := peer.Prepare(ctx, PrepareRequest{
+	pctx, pcancel := context.WithTimeout(ctx, PrepareTimeout)
+	defer pcancel()
+	res, err := peer.Prepare(pctx, PrepareRequest{
 		ID: m.ID, Source: caps, PIDs: tree.PIDs, Files: tree.Files, CPUInfo: cpu,
 		MemoryBytes: tree.MemoryBytes, Compression: req.Compression,
 		TCPEstablished: req.TCPEstablished, ShellJob: req.ShellJob,
@@ -487,7 +521,9 @@ func (s *Source) run(ctx context.Context, m *Migration) (out Outcome) {
 				pc.Close()
 				return fail(PhasePrecopy, err)
 			}
-			st, err := s.precopyRound(ctx, peer, pc, m.ID)
+			rctx, rcancel := context.WithTimeout(ctx, RoundTimeout)
+			st, err := s.precopyRound(rctx, peer, pc, m.ID)
+			rcancel()
 			if err != nil {
 				pc.Close()
 				if !s.cfg.Local.Alive(tree) {
@@ -522,7 +558,9 @@ func (s *Source) run(ctx context.Context, m *Migration) (out Outcome) {
 	rec.Phase = PhaseDump.String()
 	_ = s.cfg.Journal.Put(rec)
 	m.emit(Event{Phase: PhaseDump, Message: "freezing the tree for the final dump"})
-	dres, err := s.finalDump(ctx, peer, m, tree, req)
+	dctx, dcancel := context.WithTimeout(ctx, RoundTimeout)
+	defer dcancel()
+	dres, err := s.finalDump(dctx, peer, m, tree, req)
 	if err != nil {
 		if !s.cfg.Local.Alive(tree) {
 			err = fmt.Errorf("%w before the final dump", ErrProcessExited)
@@ -549,7 +587,9 @@ func (s *Source) run(ctx context.Context, m *Migration) (out Outcome) {
 	if err := hook("transfer"); err != nil {
 		return fail(PhaseTransfer, err)
 	}
-	if err := peer.SendImages(ctx, m.ID, dres.ImagesDir, dres.Files); err != nil {
+	tctx, tcancel := context.WithTimeout(ctx, TransferTimeout)
+	defer tcancel()
+	if err := peer.SendImages(tctx, m.ID, dres.ImagesDir, dres.Files); err != nil {
 		return fail(PhaseTransfer, fmt.Errorf("sending images: %w", err))
 	}
 
@@ -560,7 +600,9 @@ func (s *Source) run(ctx context.Context, m *Migration) (out Outcome) {
 	if err := hook("restore"); err != nil {
 		return fail(PhaseRestore, err)
 	}
-	destPID, err := peer.Restore(ctx, m.ID)
+	rctx, rcancel := context.WithTimeout(ctx, RestoreTimeout)
+	defer rcancel()
+	destPID, err := peer.Restore(rctx, m.ID)
 	if err != nil {
 		return fail(PhaseRestore, fmt.Errorf("restore on %s: %w", req.Destination, err))
 	}
@@ -663,19 +705,15 @@ func (s *Source) finalDump(ctx context.Context, peer Peer, m *Migration, tree Tr
 	return res, nil
 }
 
-// abort tells the destination to discard the migration, retrying briefly.
+// abort tells the destination to discard the migration, once; the caller
+// leaves further attempts to a background resend.
 func (s *Source) abort(peer Peer, id, reason string, log hclog.Logger) error {
-	var err error
-	for i := 0; i < 5; i++ {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		err = peer.Abort(ctx, id, reason)
-		cancel()
-		if err == nil {
-			return nil
-		}
-		time.Sleep(time.Duration(i+1) * 200 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	err := peer.Abort(ctx, id, reason)
+	if err != nil {
+		log.Warn("destination did not acknowledge the abort; re-sending in the background", "error", err)
 	}
-	log.Error("destination did not acknowledge the abort", "error", err)
 	return err
 }
 

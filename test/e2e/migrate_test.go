@@ -48,6 +48,7 @@ func startMemhog(t *testing.T, h *Host, args ...string) *Proc {
 // on the source.
 func assertMoved(t *testing.T, b *migrationBed, p *Proc, r MoveResult, before WorkloadStatus) *Proc {
 	t.Helper()
+	logEvents(t, r)
 	if r.Err != nil {
 		t.Fatalf("migratectl move failed: %v\nstderr: %s\nlast event: %+v", r.Err, r.Stderr, r.Last)
 	}
@@ -142,6 +143,13 @@ func assertRunsOnSource(t *testing.T, b *migrationBed, p *Proc, before WorkloadS
 	assertNoLeftovers(t, b)
 }
 
+func logEvents(t *testing.T, r MoveResult) {
+	t.Helper()
+	for _, e := range r.Events {
+		t.Logf("%6d ms %-8s %s", e.ElapsedMs, e.Phase, e.Message)
+	}
+}
+
 func finalDumpEvent(r MoveResult) (MoveEvent, bool) {
 	for _, e := range r.Events {
 		if e.Phase == "dump" && (e.PagesSent > 0 || e.PagesReferenced > 0) {
@@ -162,9 +170,6 @@ func TestMoveMemhog(t *testing.T) {
 			}
 			r := b.SrcAgent.Move(t, p.PID, b.DstAgent, "--mode", mode)
 			assertMoved(t, b, p, r, before)
-			for _, e := range r.Events {
-				t.Logf("%6d ms %-8s %s", e.ElapsedMs, e.Phase, e.Message)
-			}
 			rounds := int(*r.Last.Rounds)
 			dump, ok := finalDumpEvent(r)
 			if !ok {
