@@ -68,6 +68,22 @@ func runHelperIn(t *testing.T, h *e2e.Host, req helperRequest) helperResult {
 	return res
 }
 
+// waitHostStopped waits until p is stopped in its host (see waitStopped).
+func waitHostStopped(t *testing.T, p *e2e.Proc) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		info, err := p.Info()
+		if err == nil && info.State == 'T' {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("source after the dump: %+v, %v; want it stopped", info, err)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
 // checkMoved checks that p, dumped and stopped in its host, runs in dst
 // with the same PID, its counter continuing and its memory intact, and that
 // it is the child of dst's init (the helper that restored it has exited).
@@ -103,9 +119,7 @@ func TestDumpRestoreAcrossHosts(t *testing.T) {
 	}
 
 	d := runHelperIn(t, a, helperRequest{Op: "dump", ImagesDir: img, PID: p.PID, LeaveStopped: true})
-	if info, err := p.Info(); err != nil || info.State != 'T' {
-		t.Fatalf("source after the dump: %+v, %v; want it stopped", info, err)
-	}
+	waitHostStopped(t, p)
 	frozen, err := p.Status()
 	if err != nil {
 		t.Fatal(err)

@@ -108,7 +108,9 @@ type DumpOptions struct {
 	LeaveRunning bool
 	// LeaveStopped leaves the tree frozen (SIGSTOPped) after the dump, so
 	// that the caller can kill it once the restore elsewhere succeeded or
-	// resume it (ResumeTree) when it failed. Without LeaveRunning or
+	// resume it (ResumeTree) when it failed. CRIU detaches the tasks with
+	// SIGSTOP pending, so a task may show state R for a moment after the
+	// dump returns, but none runs its own code. Without LeaveRunning or
 	// LeaveStopped CRIU kills the tree after a successful dump.
 	LeaveStopped bool
 	// TCPEstablished dumps established TCP connections (otherwise CRIU

@@ -70,6 +70,7 @@ func startWorkload(t *testing.T, mib int, extra ...string) *workload {
 // same PID) and reaps it when it is the test's child.
 func (w *workload) kill(t *testing.T) {
 	if w.cmd != nil {
+		KillTree(w.pid) // children first: they would outlive memhog
 		w.cmd.Process.Kill()
 		w.cmd.Wait()
 		w.cmd = nil
@@ -153,6 +154,24 @@ func procState(pid int) (state byte, ppid int) {
 	}
 	ppid, _ = strconv.Atoi(f[1])
 	return f[0][0], ppid
+}
+
+// waitStopped waits until pid is stopped. A LeaveStopped dump returns
+// once CRIU detached the tree with SIGSTOP pending: each task stops before
+// it runs any code of its own, but its state may read R for a moment.
+func waitStopped(t *testing.T, pid int) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		st, _ := procState(pid)
+		if st == 'T' {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("process %d has state %c, want T (stopped)", pid, st)
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
 
 // requireGone fails the test when pid is a zombie child of the test or
@@ -248,9 +267,7 @@ func TestDumpLeaveStoppedRestore(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if state, _ := procState(w.pid); state != 'T' {
-		t.Fatalf("after a LeaveStopped dump the process has state %c, want T", state)
-	}
+	waitStopped(t, w.pid)
 	if st == nil || st.PagesWritten < 16*256 || st.PagesScanned < st.PagesWritten || st.FrozenTime <= 0 {
 		t.Fatalf("dump stats %+v", st)
 	}
@@ -318,9 +335,7 @@ func TestDumpLeaveStoppedResumeTree(t *testing.T) {
 		t.Fatalf("tree %v, want memhog and 2 children", pids)
 	}
 	for _, p := range pids {
-		if st, _ := procState(p); st != 'T' {
-			t.Fatalf("process %d of the dumped tree has state %c, want T", p, st)
-		}
+		waitStopped(t, p)
 	}
 	frozen, err := w.read()
 	if err != nil {
@@ -408,27 +423,34 @@ func TestPostDumpFailureResumesTree(t *testing.T) {
 }
 
 func TestCRIUKilledMidDump(t *testing.T) {
-	c := testClient(t)
-	w := startWorkload(t, 8)
-	var criuPID int
-	hooks := &Hooks{PreDump: func(context.Context) error { return nil }}
-	n := NotifyFunc(func(ctx context.Context, n Notification) error {
-		if n.Stage == StagePreDump {
-			criuPID = n.CRIUPID
-			return syscall.Kill(n.CRIUPID, syscall.SIGKILL)
-		}
-		return hooks.Notify(ctx, n)
-	})
-	_, err := c.Dump(t.Context(), DumpOptions{ImagesDir: t.TempDir(), PID: w.pid}, n)
-	if !errors.Is(err, ErrCRIUExited) {
-		t.Fatalf("dump with CRIU killed: %v, want ErrCRIUExited", err)
+	// Killed before the freeze and while the tree is frozen: either way
+	// the dump fails, CRIU is reaped, and the tree runs on.
+	for _, stage := range []Stage{StagePreDump, StagePostDump} {
+		t.Run(string(stage), func(t *testing.T) {
+			c := testClient(t)
+			w := startWorkload(t, 8)
+			var criuPID int
+			n := NotifyFunc(func(ctx context.Context, n Notification) error {
+				if n.Stage == stage {
+					criuPID = n.CRIUPID
+					return syscall.Kill(n.CRIUPID, syscall.SIGKILL)
+				}
+				return nil
+			})
+			_, err := c.Dump(t.Context(), DumpOptions{ImagesDir: t.TempDir(), PID: w.pid, LeaveStopped: true}, n)
+			if !errors.Is(err, ErrCRIUExited) {
+				t.Fatalf("dump with CRIU killed: %v, want ErrCRIUExited", err)
+			}
+			if !strings.Contains(err.Error(), "signal: killed") {
+				t.Fatalf("error does not say CRIU was killed: %v", err)
+			}
+			t.Logf("dump with CRIU killed: %v", err)
+			requireGone(t, criuPID, "killed CRIU")
+			s, _ := w.read()
+			w.wait(t, "tree runs on", func(x e2e.WorkloadStatus) bool { return x.Counter > s.Counter+50 })
+			w.verify(t)
+		})
 	}
-	if !strings.Contains(err.Error(), "signal: killed") {
-		t.Fatalf("error does not say CRIU was killed: %v", err)
-	}
-	t.Logf("dump with CRIU killed: %v", err)
-	requireGone(t, criuPID, "killed CRIU")
-	w.verify(t)
 }
 
 func TestContextCancelledMidDump(t *testing.T) {
@@ -579,6 +601,7 @@ func TestPageServerImagesCompleteAfterWait(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			t.Cleanup(func() { ps.Kill() }) // no-op after Wait
 			if po.Conn != nil {
 				po.Conn.Close()
 			}
@@ -590,7 +613,6 @@ func TestPageServerImagesCompleteAfterWait(t *testing.T) {
 			}
 			st, err := c.Dump(ctx, DumpOptions{ImagesDir: dumpDir, PID: w.pid, PageServer: target}, nil)
 			if err != nil {
-				ps.Kill()
 				t.Fatal(err)
 			}
 			w.reap(t) // CRIU killed it after the dump
