@@ -34,6 +34,8 @@ Commands:
   watch ID [--json]        follow a running migration
   cancel ID                stop a migration before its commit point
   version                  versions and capabilities of this agent
+  certs init DIR --host NAME=IP[,IP...] [--host ...]
+                           create a CA and host certificates for mutual TLS
 
 Global flags:
   --socket PATH            agent control socket (default /run/migrated/migrated.sock)
@@ -69,6 +71,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if cmd == "help" {
 		fmt.Fprint(stdout, usage)
 		return nil
+	}
+	if cmd == "certs" {
+		return cmdCerts(args, stdout, stderr)
 	}
 	c, err := client.Dial(socket)
 	if err != nil {

@@ -9,8 +9,11 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/migrated/migrated/internal/certs"
 )
 
 // Agent is a migrated daemon running in a test host, started as a separate
@@ -24,14 +27,33 @@ type Agent struct {
 	WorkDir  string
 	Bin      string // bin/migrated
 	CtlBin   string // bin/migratectl
-	args     []string
+	// TLS is the agent's identity on the Peer API; the zero value when the
+	// agent runs with --insecure.
+	TLS  TLSFiles
+	args []string
+}
+
+// TLSFiles are the PEM files of an agent's TLS identity.
+type TLSFiles struct {
+	Cert, Key, CA string
 }
 
 // StartAgent builds (once) and starts migrated in h with its state under
 // h.Dir, waits until its control socket answers, and stops it at cleanup.
 // extra is appended to the daemon's flags.
+//
+// The Peer API runs with mutual TLS: the bed's CA (BedPKI) issues h a
+// certificate naming h.Name and h.IP, passed with --tls-cert, --tls-key and
+// --tls-ca. With "--insecure" among extra the agent gets no TLS flags and
+// serves plain TCP.
 func StartAgent(t testing.TB, h *Host, extra ...string) *Agent {
 	t.Helper()
+	var tlsArgs []string
+	var files TLSFiles
+	if !contains(extra, "--insecure") {
+		files = BedPKI(t, h).HostFiles(t, h)
+		tlsArgs = []string{"--tls-cert", files.Cert, "--tls-key", files.Key, "--tls-ca", files.CA}
+	}
 	a := &Agent{
 		Host:     h,
 		Socket:   filepath.Join(h.Dir, "migrated.sock"),
@@ -40,11 +62,109 @@ func StartAgent(t testing.TB, h *Host, extra ...string) *Agent {
 		WorkDir:  filepath.Join(h.Dir, "work"),
 		Bin:      BuildTool(t, "./cmd/migrated"),
 		CtlBin:   BuildTool(t, "./cmd/migratectl"),
+		TLS:      files,
 	}
-	a.args = append([]string{"--socket", a.Socket, "--listen", a.Addr, "--state-dir", a.StateDir,
-		"--work-dir", a.WorkDir, "--insecure", "--log-level", "debug"}, extra...)
+	a.args = append([]string{"--config", "/dev/null", "--socket", a.Socket, "--listen", a.Addr, "--state-dir", a.StateDir,
+		"--work-dir", a.WorkDir, "--log-level", "debug"}, tlsArgs...)
+	a.args = append(a.args, extra...)
 	a.Start(t)
 	return a
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// PKI is a certificate authority for a test bed with its files in Dir.
+type PKI struct {
+	Dir string
+	CA  *certs.CA
+	// CAFile is the authority's certificate, for --tls-ca.
+	CAFile string
+
+	mu     sync.Mutex
+	issued map[string]TLSFiles
+}
+
+var bedPKIs = struct {
+	sync.Mutex
+	m map[string]*PKI
+}{m: map[string]*PKI{}}
+
+// BedPKI returns the certificate authority of h's bed, creating it in the
+// bed's directory on first use (it goes with the bed at teardown).
+func BedPKI(t testing.TB, h *Host) *PKI {
+	t.Helper()
+	dir := filepath.Join(h.bedDir(), "pki")
+	bedPKIs.Lock()
+	defer bedPKIs.Unlock()
+	if p, ok := bedPKIs.m[dir]; ok {
+		if _, err := os.Stat(p.CAFile); err == nil {
+			return p
+		}
+	}
+	p := NewPKI(t, dir)
+	bedPKIs.m[dir] = p
+	return p
+}
+
+// NewPKI creates an authority with its files in dir.
+func NewPKI(t testing.TB, dir string) *PKI {
+	t.Helper()
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	ca, err := certs.NewCA("migrated e2e CA", now.Add(-time.Hour), now.Add(24*time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &PKI{Dir: dir, CA: ca, CAFile: filepath.Join(dir, "ca.crt"), issued: map[string]TLSFiles{}}
+	if err := os.WriteFile(p.CAFile, ca.CertPEM(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// HostFiles returns h's certificate files (issued once per host): SANs
+// h.Name and h.IP, valid for a day.
+func (p *PKI) HostFiles(t testing.TB, h *Host) TLSFiles {
+	t.Helper()
+	p.mu.Lock()
+	f, ok := p.issued[h.Name]
+	p.mu.Unlock()
+	if ok {
+		return f
+	}
+	now := time.Now()
+	f = p.Issue(t, h.Name, certs.Host{Name: h.Name, IPs: []net.IP{net.ParseIP(h.IP)}}, now.Add(-time.Hour), now.Add(24*time.Hour))
+	p.mu.Lock()
+	p.issued[h.Name] = f
+	p.mu.Unlock()
+	return f
+}
+
+// Issue writes a certificate for host, valid from notBefore to notAfter, as
+// file name base.crt and base.key in p.Dir.
+func (p *PKI) Issue(t testing.TB, base string, host certs.Host, notBefore, notAfter time.Time) TLSFiles {
+	t.Helper()
+	cp, kp, err := p.CA.Issue(host, notBefore, notAfter)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := TLSFiles{Cert: filepath.Join(p.Dir, base+".crt"), Key: filepath.Join(p.Dir, base+".key"), CA: p.CAFile}
+	if err := os.WriteFile(f.Cert, cp, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(f.Key, kp, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return f
 }
 
 // Start (re)starts the daemon with the flags it was created with.
