@@ -61,6 +61,12 @@ func (d PeerDialer) Dial(ctx context.Context, addr string) (phaul.Peer, error) {
 		grpc.WithTransportCredentials(creds),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxMessage), grpc.MaxCallSendMsgSize(maxMessage)),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 5 * time.Second, Timeout: 5 * time.Second, PermitWithoutStream: true}),
+		// Page batches are megabytes: large windows and buffers keep the
+		// link busy.
+		grpc.WithInitialWindowSize(8<<20),
+		grpc.WithInitialConnWindowSize(16<<20),
+		grpc.WithReadBufferSize(1<<20),
+		grpc.WithWriteBufferSize(1<<20),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", addr, err)

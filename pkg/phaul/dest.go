@@ -158,12 +158,8 @@ func (d *Destination) Prepare(ctx context.Context, req PrepareRequest) (PrepareR
 			caps, _ := d.cfg.Local.Capabilities(ctx)
 			return PrepareResult{OK: true, Destination: caps}, nil
 		}
-		active := 0
-		for _, m := range d.migs {
-			if !m.rec.Terminal() {
-				active++
-			}
-		}
+		// Finished migrations are forgotten: every one left is in flight.
+		active := len(d.migs)
 		d.mu.Unlock()
 		if active >= d.cfg.MaxConcurrent {
 			return PrepareResult{}, fmt.Errorf("%w: %d in flight", ErrBusy, active)
@@ -447,6 +443,7 @@ func (d *Destination) Commit(ctx context.Context, id string) (int, error) {
 		m.recv.Close()
 	}
 	d.cfg.Local.Cleanup(id)
+	d.forget(id)
 	d.log.Info("committed: process resumed", "migration_id", id, "pid", m.tree.PID)
 	if err := d.hook(ctx, "dest-commit-ack"); err != nil {
 		return 0, err
@@ -506,6 +503,15 @@ func (d *Destination) discard(m *destMigration) {
 	if err := d.cfg.Journal.Put(rec); err != nil {
 		d.log.Error("journal write failed", "migration_id", rec.ID, "error", err)
 	}
+	d.forget(rec.ID)
+}
+
+// forget drops a finished migration from memory; its journal record
+// answers later calls.
+func (d *Destination) forget(id string) {
+	d.mu.Lock()
+	delete(d.migs, id)
+	d.mu.Unlock()
 }
 
 // Status reports this host's view of a migration.

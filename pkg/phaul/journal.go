@@ -43,11 +43,15 @@ const (
 // Terminal reports whether a record needs no more work.
 func (r Record) Terminal() bool {
 	switch r.State {
-	case StateDone, StateAborted, StateFailed:
+	case StateDone, StateAborted, StateFailed, DestCommitted:
 		return true
 	}
 	return false
 }
+
+// MaxFinished is how many finished records a journal keeps for `migratectl
+// status` and `list`; older ones are removed.
+var MaxFinished = 256
 
 // Journal keeps one record per migration as a file under dir, replaced
 // atomically (write, fsync, rename, fsync dir) so that a record survives
@@ -106,7 +110,46 @@ func (j *Journal) Put(r Record) error {
 	if err := d.Sync(); err != nil {
 		return fmt.Errorf("journal: %w", err)
 	}
+	if r.Terminal() {
+		j.prune()
+	}
 	return nil
+}
+
+// prune removes the oldest finished records beyond MaxFinished. Called
+// with j.mu held.
+func (j *Journal) prune() {
+	ents, err := os.ReadDir(j.dir)
+	if err != nil || len(ents) <= MaxFinished {
+		return
+	}
+	type fin struct {
+		path string
+		t    time.Time
+	}
+	var done []fin
+	for _, e := range ents {
+		if !strings.HasSuffix(e.Name(), ".json") || strings.HasPrefix(e.Name(), ".") {
+			continue
+		}
+		p := filepath.Join(j.dir, e.Name())
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		var r Record
+		if json.Unmarshal(b, &r) != nil || !r.Terminal() {
+			continue
+		}
+		done = append(done, fin{p, r.Updated})
+	}
+	if len(done) <= MaxFinished {
+		return
+	}
+	sort.Slice(done, func(a, b int) bool { return done[a].t.Before(done[b].t) })
+	for _, f := range done[:len(done)-MaxFinished] {
+		_ = os.Remove(f.path)
+	}
 }
 
 // Get reads one record; ErrUnknownMigration if absent.

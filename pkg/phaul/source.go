@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -25,7 +26,8 @@ type SourceConfig struct {
 	// target and the round limit.
 	Policy Policy
 	// CommitRetry is how long the source keeps re-sending a decision
-	// before leaving it to recovery (default 2 minutes).
+	// in the foreground before reporting and re-sending it in the
+	// background (default 20 s).
 	CommitRetry time.Duration
 	// Hooks are failpoints for tests; nil in production.
 	Hooks Hooks
@@ -63,7 +65,7 @@ func NewSource(cfg SourceConfig) *Source {
 		cfg.Policy = DefaultPolicy()
 	}
 	if cfg.CommitRetry == 0 {
-		cfg.CommitRetry = 2 * time.Minute
+		cfg.CommitRetry = 20 * time.Second
 	}
 	return &Source{cfg: cfg, log: cfg.Logger, migrations: map[string]*Migration{}}
 }
@@ -243,6 +245,7 @@ func (s *Source) Move(req MoveRequest) (*Migration, error) {
 		}
 	}
 	s.migrations[req.ID] = m
+	s.pruneLocked()
 	s.wg.Add(1)
 	s.mu.Unlock()
 
@@ -263,6 +266,26 @@ func (s *Source) Move(req MoveRequest) (*Migration, error) {
 		close(m.done)
 	}()
 	return m, nil
+}
+
+// maxKept is how many finished migrations the Source keeps in memory
+// (with their events); the journal keeps their records longer.
+const maxKept = 64
+
+func (s *Source) pruneLocked() {
+	var ended []*Migration
+	for _, m := range s.migrations {
+		if m.Outcome() != nil {
+			ended = append(ended, m)
+		}
+	}
+	if len(ended) <= maxKept {
+		return
+	}
+	sort.Slice(ended, func(a, b int) bool { return ended[a].Started.Before(ended[b].Started) })
+	for _, m := range ended[:len(ended)-maxKept] {
+		delete(s.migrations, m.ID)
+	}
 }
 
 // Get returns a migration by id.
@@ -294,6 +317,9 @@ func (s *Source) Cancel(id string) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.outcome != nil {
+		if m.outcome.Moved {
+			return fmt.Errorf("%w: migration %s committed; pid %d runs on %s", ErrTooLate, id, m.outcome.DestPID, m.Req.Destination)
+		}
 		return fmt.Errorf("%w: migration %s already ended", ErrBadState, id)
 	}
 	if m.committed {
@@ -528,8 +554,6 @@ func (s *Source) run(ctx context.Context, m *Migration) (out Outcome) {
 				pc.Close()
 				if !s.cfg.Local.Alive(tree) {
 					err = fmt.Errorf("%w during pre-copy round %d", ErrProcessExited, n)
-				} else {
-					err = fmt.Errorf("pre-copy round %d: %w", n, err)
 				}
 				return fail(PhasePrecopy, err)
 			}
@@ -636,10 +660,12 @@ func (s *Source) run(ctx context.Context, m *Migration) (out Outcome) {
 	}
 	pid, err := s.sendCommit(peer, m.ID, log)
 	if err != nil {
+		// The decision stands: keep re-sending it in the background.
+		s.resend(rec, "")
 		out := Outcome{
 			Moved: false, DestPID: destPID, Total: time.Since(start), Rounds: len(rounds), WireBytes: wire, RawBytes: raw,
 			FailedPhase: PhaseCommit, ProcessLocation: "destination",
-			Advice: "the destination holds the restored process stopped; the source's agent re-sends the commit when it is reachable",
+			Advice: "the destination holds the restored process stopped and resumes it when the commit reaches it; this agent keeps re-sending it (see migratectl status)",
 		}
 		out.Err = &PhaseError{ID: m.ID, Phase: PhaseCommit, Err: err, Location: "unknown", Advice: out.Advice}
 		return out

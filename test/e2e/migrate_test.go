@@ -66,8 +66,16 @@ func assertMoved(t *testing.T, b *migrationBed, p *Proc, r MoveResult, before Wo
 	if info.State == 'T' || info.State == 'Z' {
 		t.Fatalf("pid %d on %s is in state %c, want running", p.PID, b.B.Name, info.State)
 	}
-	if _, err := p.Info(); err == nil {
-		t.Fatalf("pid %d still exists on the source %s", p.PID, b.A.Name)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		info, err := p.Info()
+		if err != nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pid %d still exists on the source %s: %+v", p.PID, b.A.Name, info)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 	if p.StatusFile == "" {
 		// Not a status-writing workload: the caller checks its state.
