@@ -55,8 +55,12 @@ bench: ## Go benchmarks: page protocol, hashing, page stream vs CRIU's page serv
 	$(GO) test $(GOFLAGS) -run '^$$' -bench . -benchmem -count=5 ./pkg/...
 
 .PHONY: bench-migrate
-bench-migrate: build ## Migration benchmark against the alternatives (root, ~30 min; ARGS=--quick for a subset).
+bench-migrate: build ## Migration benchmark against the alternatives (root, under 30 min); results in test/bench/results.
 	$(GO) run ./test/bench $(ARGS)
+
+.PHONY: bench-migrate-quick
+bench-migrate-quick: build ## A subset of bench-migrate (root, under 5 min); results in test/bench/results/quick.
+	$(GO) run ./test/bench --quick $(ARGS)
 
 .PHONY: demo
 demo: build ## Live-migrate a counting process between two local test hosts.
