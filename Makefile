@@ -66,6 +66,30 @@ bench-migrate-quick: build ## A subset of bench-migrate (root, under 5 min); res
 demo: build ## Live-migrate a counting process between two local test hosts.
 	$(GO) run ./test/demo
 
+PREFIX    ?= /usr/local
+DESTDIR   ?=
+CERTS_DIR ?= certs
+HOSTS     ?=
+
+.PHONY: install
+install: build ## Install binaries, systemd unit, example config (root; PREFIX, DESTDIR).
+	install -D -m 0755 $(BIN)/migrated $(DESTDIR)$(PREFIX)/bin/migrated
+	install -D -m 0755 $(BIN)/migratectl $(DESTDIR)$(PREFIX)/bin/migratectl
+	install -d -m 0755 $(DESTDIR)/etc/systemd/system
+	sed 's#/usr/local/#$(PREFIX)/#g' deploy/systemd/migrated.service > $(DESTDIR)/etc/systemd/system/migrated.service
+	chmod 0644 $(DESTDIR)/etc/systemd/system/migrated.service
+	install -D -m 0644 deploy/systemd/config.example $(DESTDIR)/etc/migrated/config.example
+	install -D -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/migrated/README.md
+	install -d -m 0700 $(DESTDIR)/etc/migrated/tls
+	@if [ -z "$(DESTDIR)" ] && ! getent group migrated >/dev/null; then groupadd --system migrated; fi
+	@echo "installed; next: /etc/migrated/config (from config.example), certificates (make certs), then"
+	@echo "  systemctl daemon-reload && systemctl enable --now migrated"
+
+.PHONY: certs
+certs: build ## CA and host certificates in CERTS_DIR (default certs/) for HOSTS="host1=10.0.0.1 host2=10.0.0.2".
+	@test -n "$(HOSTS)" || { echo 'usage: make certs HOSTS="host1=10.0.0.1 host2=10.0.0.2" [CERTS_DIR=certs]'; exit 2; }
+	$(BIN)/migratectl certs init $(CERTS_DIR) $(foreach h,$(HOSTS),--host $(h))
+
 .PHONY: clean
 clean: ## Remove build output.
 	rm -rf $(BIN)
