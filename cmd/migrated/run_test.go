@@ -18,7 +18,9 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
 
 	migratev1 "github.com/migrated/migrated/api/migrate/v1"
 	"github.com/migrated/migrated/internal/agent"
@@ -94,6 +96,7 @@ func (d *daemon) stop(t *testing.T) error {
 
 var listenRE = regexp.MustCompile(`listen=(\S+)`)
 var metricsRE = regexp.MustCompile(`metrics_listen=(\S+)`)
+var controlRE = regexp.MustCompile(`control_listen=(\S+)`)
 
 // waitStarted waits for the start line and returns the peer and metrics
 // addresses.
@@ -229,7 +232,7 @@ func unwrapAll(err error) error {
 func TestMutualTLSDaemon(t *testing.T) {
 	dir := shortDir(t)
 	pki := filepath.Join(dir, "pki")
-	hosts, err := certs.ParseHosts("self=127.0.0.1", "friend=127.0.0.1", "stranger=127.0.0.1")
+	hosts, err := certs.ParseHosts("self=127.0.0.1", "friend=127.0.0.1", "stranger=127.0.0.1", "orch")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -237,7 +240,7 @@ func TestMutualTLSDaemon(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := filepath.Join(dir, "config")
-	content := fmt.Sprintf("metrics_listen = \"127.0.0.1:0\"\n[tls]\ncert = %q\nkey = %q\nca = %q\npeer_allow = [\"friend\"]\n",
+	content := fmt.Sprintf("metrics_listen = \"127.0.0.1:0\"\n[control]\nlisten = \"127.0.0.1:0\"\nallow = [\"orch\"]\n[tls]\ncert = %q\nkey = %q\nca = %q\npeer_allow = [\"friend\"]\n",
 		filepath.Join(pki, "self.crt"), filepath.Join(pki, "self.key"), filepath.Join(pki, "ca.crt"))
 	if err := os.WriteFile(cfg, []byte(content), 0o644); err != nil {
 		t.Fatal(err)
@@ -292,6 +295,31 @@ func TestMutualTLSDaemon(t *testing.T) {
 	v, err := c.Raw().Version(context.Background(), &migratev1.VersionRequest{})
 	if err != nil || v.PeerTransport != "mtls" {
 		t.Fatalf("version: %v %v", v, err)
+	}
+
+	// Remote control: only identities on control.allow.
+	m := controlRE.FindStringSubmatch(d.log.String())
+	if m == nil {
+		t.Fatalf("no control_listen in the start line:\n%s", d.log)
+	}
+	remote := func(name string) (*migratev1.ListMigrationsResponse, error) {
+		_, cfg, err := agent.LoadTLS(agent.TLSFiles{Cert: filepath.Join(pki, name+".crt"), Key: filepath.Join(pki, name+".key"), CA: filepath.Join(pki, "ca.crt")}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg.ServerName = "127.0.0.1"
+		conn, err := grpc.NewClient(m[1], grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		return migratev1.NewControlClient(conn).ListMigrations(context.Background(), &migratev1.ListMigrationsRequest{})
+	}
+	if _, err := remote("orch"); err != nil {
+		t.Fatalf("remote control as an allowed client: %v", err)
+	}
+	if _, err := remote("friend"); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("remote control as a client not on control.allow: %v", err)
 	}
 
 	// Refusals are counted when the server's side of the handshake ends,
