@@ -26,8 +26,9 @@ type Source struct {
 	procRoot string
 	log      hclog.Logger
 
-	mu    sync.Mutex
-	xfers map[string]*xfer // per migration
+	mu      sync.Mutex
+	xfers   map[string]*xfer // per migration
+	hdrSize int
 }
 
 // NewSource returns the source side over criu, with work directories
@@ -193,6 +194,11 @@ func (s *Source) Dump(ctx context.Context, req phaul.DumpRequest) (phaul.DumpRes
 	fwdc := make(chan fwd, 1)
 	go func() {
 		st, err := pagexfer.ForwardDump(fctx, conn, hdr, snd)
+		if err != nil {
+			// CRIU may be blocked writing pages nobody reads: closing our
+			// end fails its dump, and CRIU resumes the tree.
+			conn.Close()
+		}
 		fwdc <- fwd{st, err}
 	}()
 
@@ -205,9 +211,19 @@ func (s *Source) Dump(ctx context.Context, req phaul.DumpRequest) (phaul.DumpRes
 	}, nil)
 	criuEnd.Close()
 	if derr != nil {
-		cancel()
-		conn.Close()
-		<-fwdc
+		// If the page stream broke first, that is the cause: CRIU only saw
+		// its socket close.
+		var f fwd
+		select {
+		case f = <-fwdc:
+		default:
+			cancel()
+			conn.Close()
+			f = <-fwdc
+		}
+		if f.err != nil && fctx.Err() == nil {
+			return phaul.DumpResult{}, fmt.Errorf("page stream to the destination failed: %w (CRIU then gave up: %v)", f.err, derr)
+		}
 		return phaul.DumpResult{}, derr
 	}
 	f := <-fwdc
@@ -237,11 +253,22 @@ func networkLock(tcp bool) criurpc.NetworkLock {
 	return criurpc.NetworkLockDefault
 }
 
+// headerSize is the page-server header size of the local CRIU, probed
+// once per agent.
 func (s *Source) headerSize(ctx context.Context) (int, error) {
+	s.mu.Lock()
+	hdr := s.hdrSize
+	s.mu.Unlock()
+	if hdr != 0 {
+		return hdr, nil
+	}
 	caps, err := s.criu.Probe(ctx)
 	if err != nil {
 		return 0, err
 	}
+	s.mu.Lock()
+	s.hdrSize = caps.PageServerHeaderSize
+	s.mu.Unlock()
 	return caps.PageServerHeaderSize, nil
 }
 

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -43,6 +44,8 @@ const (
 	killSource faultKind = "source agent killed"
 	killDest   faultKind = "destination agent killed"
 	cutLink    faultKind = "link cut"
+	criuSource faultKind = "CRIU fails on the source"
+	criuDest   faultKind = "CRIU fails on the destination"
 )
 
 type matrixRow struct {
@@ -221,6 +224,89 @@ func TestFaultMatrix(t *testing.T) {
 			})
 		}
 	}
+	t.Run(string(criuSource)+"/during the final dump", func(t *testing.T) {
+		runCRIUFault(t, criuSource, "during the final dump")
+	})
+	t.Run(string(criuDest)+"/during the final dump", func(t *testing.T) {
+		runCRIUFault(t, criuDest, "during the final dump")
+	})
+	t.Run(string(criuDest)+"/during restore", func(t *testing.T) {
+		runCRIUFault(t, criuDest, "during restore")
+	})
+}
+
+// runCRIUFault makes CRIU itself fail: killed while it dumps (source) or
+// serves the page stream (destination), or a restore CRIU cannot do
+// because the tree's PID was taken on the destination after the preflight.
+func runCRIUFault(t *testing.T, fault faultKind, phase string) {
+	var dstFlags []string
+	if phase == "during restore" {
+		dstFlags = []string{"--failpoints", "dest-restore=1*stall(2s)"}
+	}
+	b := newMigrationBed(t, dstFlags...)
+	p := startMemhog(t, b.A, "--mem", "64", "--hot", "1")
+	before, err := p.Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sampler := startSampler(b.A, b.B, p.PID)
+	defer sampler.Stop(t)
+	done := make(chan MoveResult, 1)
+	go func() {
+		done <- b.SrcAgent.Move(t, p.PID, b.DstAgent, "--mode", "stopcopy", "--bandwidth", "8M")
+	}()
+	var backAt time.Time
+	switch phase {
+	case "during the final dump":
+		if !waitLog(t, b.SrcAgent, "phase=dump", time.Minute) {
+			t.Fatal("the final dump never started")
+		}
+		h := b.A
+		if fault == criuDest {
+			h = b.B
+		}
+		killed := 0
+		deadline := time.Now().Add(10 * time.Second)
+		for killed == 0 && time.Now().Before(deadline) {
+			procs, err := h.Processes()
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, pi := range procs {
+				if pi.Comm == "criu" {
+					if err := syscall.Kill(pi.GlobalPID, syscall.SIGKILL); err == nil {
+						killed++
+					}
+				}
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		if killed == 0 {
+			t.Fatalf("no CRIU process to kill on %s", h.Name)
+		}
+		t.Logf("killed %d CRIU process(es) on %s", killed, h.Name)
+		backAt = time.Now()
+	case "during restore":
+		if !waitLog(t, b.DstAgent, "point=dest-restore", time.Minute) {
+			t.Fatal("the restore never started")
+		}
+		occupant := b.B.occupyPID(t, p.PID)
+		r := <-done
+		occupant.Kill()
+		backAt = time.Now()
+		done <- r
+	}
+	r := <-done
+	if r.Err == nil {
+		t.Fatalf("the move succeeded despite the CRIU failure: %+v", r.Last)
+	}
+	t.Logf("error as the user sees it: %s", r.Last.Error)
+	where, _ := waitOneCopy(t, b, p.PID, time.Minute)
+	if where != b.A {
+		t.Fatalf("the process ended up on %s after a failed move", where.Name)
+	}
+	assertRunsOnSource(t, b, p, before)
+	recordMatrix(matrixRow{fault: fault, phase: phase, outcome: "runs on " + b.A.Name + " (source resumed)", converge: time.Since(backAt)})
 }
 
 func runFault(t *testing.T, fault faultKind, phase, point string, onSource bool) {
