@@ -45,7 +45,9 @@ type TLSFiles struct {
 // The Peer API runs with mutual TLS: the bed's CA (BedPKI) issues h a
 // certificate naming h.Name and h.IP, passed with --tls-cert, --tls-key and
 // --tls-ca. With "--insecure" among extra the agent gets no TLS flags and
-// serves plain TCP.
+// serves plain TCP. A "--socket PATH" among extra replaces the default
+// control socket (h.Dir is private to root; a test that calls as another
+// user puts the socket elsewhere).
 func StartAgent(t testing.TB, h *Host, extra ...string) *Agent {
 	t.Helper()
 	var tlsArgs []string
@@ -63,6 +65,11 @@ func StartAgent(t testing.TB, h *Host, extra ...string) *Agent {
 		Bin:      BuildTool(t, "./cmd/migrated"),
 		CtlBin:   BuildTool(t, "./cmd/migratectl"),
 		TLS:      files,
+	}
+	for i, x := range extra {
+		if x == "--socket" && i+1 < len(extra) {
+			a.Socket = extra[i+1]
+		}
 	}
 	a.args = append([]string{"--config", "/dev/null", "--socket", a.Socket, "--listen", a.Addr, "--state-dir", a.StateDir,
 		"--work-dir", a.WorkDir, "--log-level", "debug"}, tlsArgs...)
