@@ -1,4 +1,4 @@
-package main
+package scope
 
 import (
 	"context"
@@ -11,11 +11,11 @@ import (
 	"testing"
 )
 
-// scopeTB is a testing.TB for code that runs outside `go test`: the test bed
-// of test/e2e reports through a testing.TB. A scope collects cleanups and runs
+// T is a testing.TB for programs that use the test bed of test/e2e outside
+// `go test` (the bed reports through a testing.TB). A scope collects cleanups and runs
 // them, last first, when it ends; Fatal and Skip end the scope early (through
-// a panic that runScope recovers) the way they end a test.
-type scopeTB struct {
+// a panic that Run recovers) the way they end a test.
+type T struct {
 	testing.TB // nil: methods not implemented below are never called by the bed
 
 	name string
@@ -33,18 +33,20 @@ type scopeTB struct {
 // scopeExit is what Fatal, FailNow and Skip panic with.
 type scopeExit struct{ skip bool }
 
-func newScope(ctx context.Context, name string, log io.Writer) *scopeTB {
-	return &scopeTB{name: name, log: log, ctx: ctx}
+// New returns a root scope named name that logs to log; ctx is what Context
+// returns. End it with Finish.
+func New(ctx context.Context, name string, log io.Writer) *T {
+	return &T{name: name, log: log, ctx: ctx}
 }
 
 // child returns a scope nested in s.
-func (s *scopeTB) child(name string) *scopeTB {
-	return newScope(s.ctx, s.name+"/"+name, s.log)
+func (s *T) child(name string) *T {
+	return New(s.ctx, s.name+"/"+name, s.log)
 }
 
-// runScope runs fn in a child scope of s, runs the child's cleanups and
-// returns an error describing why it failed (nil when it did not).
-func (s *scopeTB) runScope(name string, fn func(t testing.TB)) (err error) {
+// Run runs fn in a child scope of s, runs the child's cleanups and returns
+// an error describing why it failed (nil when it did not).
+func (s *T) Run(name string, fn func(t testing.TB)) (err error) {
 	c := s.child(name)
 	func() {
 		defer func() {
@@ -56,16 +58,16 @@ func (s *scopeTB) runScope(name string, fn func(t testing.TB)) (err error) {
 		}()
 		fn(c)
 	}()
-	c.finish()
+	c.Finish()
 	if c.Failed() {
 		return fmt.Errorf("%s: %s", c.name, strings.Join(c.msgs, "; "))
 	}
 	return nil
 }
 
-// finish runs the scope's cleanups, last registered first. A cleanup that
+// Finish runs the scope's cleanups, last registered first. A cleanup that
 // fails marks the scope failed and does not stop the others.
-func (s *scopeTB) finish() {
+func (s *T) Finish() {
 	for {
 		s.mu.Lock()
 		n := len(s.cleanups)
@@ -92,7 +94,7 @@ func (s *scopeTB) finish() {
 	}
 }
 
-func (s *scopeTB) fail(msg string) {
+func (s *T) fail(msg string) {
 	s.mu.Lock()
 	s.failed = true
 	if msg != "" {
@@ -104,63 +106,63 @@ func (s *scopeTB) fail(msg string) {
 	}
 }
 
-func (s *scopeTB) Helper()      {}
-func (s *scopeTB) Name() string { return s.name }
-func (s *scopeTB) Log(args ...any) {
+func (s *T) Helper()      {}
+func (s *T) Name() string { return s.name }
+func (s *T) Log(args ...any) {
 	fmt.Fprintf(s.log, "%s: %s\n", s.name, strings.TrimSuffix(fmt.Sprintln(args...), "\n"))
 }
-func (s *scopeTB) Logf(format string, args ...any) {
+func (s *T) Logf(format string, args ...any) {
 	fmt.Fprintf(s.log, "%s: %s\n", s.name, fmt.Sprintf(format, args...))
 }
-func (s *scopeTB) Error(args ...any) { s.fail(strings.TrimSuffix(fmt.Sprintln(args...), "\n")) }
-func (s *scopeTB) Errorf(format string, args ...any) {
+func (s *T) Error(args ...any) { s.fail(strings.TrimSuffix(fmt.Sprintln(args...), "\n")) }
+func (s *T) Errorf(format string, args ...any) {
 	s.fail(fmt.Sprintf(format, args...))
 }
-func (s *scopeTB) Fail() { s.fail("") }
-func (s *scopeTB) FailNow() {
+func (s *T) Fail() { s.fail("") }
+func (s *T) FailNow() {
 	s.fail("")
 	panic(scopeExit{})
 }
-func (s *scopeTB) Failed() bool {
+func (s *T) Failed() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.failed
 }
-func (s *scopeTB) Fatal(args ...any) {
+func (s *T) Fatal(args ...any) {
 	s.Error(args...)
 	panic(scopeExit{})
 }
-func (s *scopeTB) Fatalf(format string, args ...any) {
+func (s *T) Fatalf(format string, args ...any) {
 	s.Errorf(format, args...)
 	panic(scopeExit{})
 }
-func (s *scopeTB) Skip(args ...any) {
+func (s *T) Skip(args ...any) {
 	s.skip(strings.TrimSuffix(fmt.Sprintln(args...), "\n"))
 }
-func (s *scopeTB) Skipf(format string, args ...any) { s.skip(fmt.Sprintf(format, args...)) }
+func (s *T) Skipf(format string, args ...any) { s.skip(fmt.Sprintf(format, args...)) }
 
 // SkipNow ends the scope. Outside a test nothing may be skipped silently,
 // so a skip (a missing prerequisite such as root or CRIU) fails the scope.
-func (s *scopeTB) SkipNow() { s.skip("skipped") }
+func (s *T) SkipNow() { s.skip("skipped") }
 
-func (s *scopeTB) skip(reason string) {
+func (s *T) skip(reason string) {
 	s.mu.Lock()
 	s.skipped = true
 	s.mu.Unlock()
 	s.fail("cannot run: " + reason)
 	panic(scopeExit{skip: true})
 }
-func (s *scopeTB) Skipped() bool {
+func (s *T) Skipped() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.skipped
 }
-func (s *scopeTB) Cleanup(f func()) {
+func (s *T) Cleanup(f func()) {
 	s.mu.Lock()
 	s.cleanups = append(s.cleanups, f)
 	s.mu.Unlock()
 }
-func (s *scopeTB) TempDir() string {
+func (s *T) TempDir() string {
 	d, err := os.MkdirTemp("", "mgbench-"+filepath.Base(s.name))
 	if err != nil {
 		s.Fatalf("TempDir: %v", err)
@@ -170,5 +172,5 @@ func (s *scopeTB) TempDir() string {
 	s.mu.Unlock()
 	return d
 }
-func (s *scopeTB) Context() context.Context { return s.ctx }
-func (s *scopeTB) Output() io.Writer        { return s.log }
+func (s *T) Context() context.Context { return s.ctx }
+func (s *T) Output() io.Writer        { return s.log }
