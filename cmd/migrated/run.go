@@ -188,6 +188,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		closeAll()
 		return err
 	}
+	if st, err := os.Stat(filepath.Dir(cfg.Socket)); gid >= 0 && err == nil && st.Mode().Perm()&0o011 == 0 {
+		log.Warn("members of the socket group cannot reach the control socket: its directory is closed to them",
+			"directory", filepath.Dir(cfg.Socket), "mode", st.Mode().Perm().String())
+	}
 	controlServer := &agent.ControlServer{
 		Source: source, Dest: dest, Journal: journal, Local: src, Log: log.Named("control"), Insecure: cfg.Insecure,
 	}
