@@ -114,12 +114,14 @@ func (c Counters) Sub(o Counters) Counters {
 // filling methods are not safe for concurrent use; Counters is. Close
 // stops the goroutine.
 type Sender struct {
-	sink  BatchSink
-	opts  SenderOptions
-	known *Known
-	log   hclog.Logger
-	lim   *rate.Limiter
-	burst int
+	hashes []Hash // sendPages' scratch
+	zeros  []bool
+	sink   BatchSink
+	opts   SenderOptions
+	known  *Known
+	log    hclog.Logger
+	lim    *rate.Limiter
+	burst  int
 
 	cur     []byte // batch being filled; nil when none
 	curKind BatchKind
@@ -375,15 +377,21 @@ func (s *Sender) sendPages(ctx context.Context, h psproto.Header, pages []byte) 
 		return err
 	}
 	s.cur = appendCmdRecord(s.cur, h)
+	if cap(s.hashes) < n {
+		s.hashes = make([]Hash, n)
+		s.zeros = make([]bool, n)
+	}
+	hs, zs := s.hashes[:n], s.zeros[:n]
+	hashPages(pages, hs, zs)
 	var zero, refs, sent uint64
 	for i := 0; i < n; i++ {
 		p := pages[i*PageSize : (i+1)*PageSize]
-		if isZero(p) {
+		if zs[i] {
 			s.cur = append(s.cur, entZero)
 			zero++
 			continue
 		}
-		hash := HashPage(p)
+		hash := hs[i]
 		if !s.known.Add(hash) {
 			s.cur = append(s.cur, entRef)
 			s.cur = append(s.cur, hash[:]...)
