@@ -135,7 +135,7 @@ func (p *printer) summary(e *migratev1.MoveEvent) {
 		fmt.Fprintf(p.w, "FAILED after %s: %s\n", time.Duration(o.TotalMs)*time.Millisecond, o.Error)
 		return
 	}
-	fmt.Fprintf(p.w, "moved: pid %d now runs on the destination — %d pre-copy round(s), %.1f MiB on the wire for %.1f MiB of memory, total %s, downtime %s\n",
+	fmt.Fprintf(p.w, "moved: pid %d now runs on the destination — %d pre-copy round(s), %.1f MiB on the wire (%.1f MiB of page data), total %s, downtime %s\n",
 		o.DestPid, o.Rounds, mib(o.WireBytes), mib(o.RawBytes),
 		(time.Duration(o.TotalMs) * time.Millisecond).Round(time.Millisecond), (time.Duration(o.DowntimeMs) * time.Millisecond).Round(time.Millisecond))
 	if o.PrecopyStopReason != "" {
