@@ -27,12 +27,12 @@ build: ## Build bin/migrated and bin/migratectl.
 
 .PHONY: test
 test: build ## Run unit tests (with -race) and the e2e suite (root, real CRIU).
-	$(GO) test $(GOFLAGS) -race -count=1 $$($(GO) list ./... | grep -v /test/e2e)
+	$(GO) test $(GOFLAGS) -race -count=1 -timeout 30m $$($(GO) list ./... | grep -v /test/e2e)
 	$(MAKE) e2e
 
 .PHONY: unit
 unit: ## Run unit tests only.
-	$(GO) test $(GOFLAGS) -race -count=1 $$($(GO) list ./... | grep -v /test/e2e)
+	$(GO) test $(GOFLAGS) -race -count=1 -timeout 30m $$($(GO) list ./... | grep -v /test/e2e)
 
 .PHONY: e2e
 e2e: build ## Run the two-host e2e suite (root, real CRIU, real namespaces).
