@@ -2,9 +2,13 @@ package e2e
 
 import (
 	"context"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -49,8 +53,21 @@ func TestSystemdUnit(t *testing.T) {
 // when the agent is killed (SIGKILL, as systemd's KillMode=process does on a
 // crash) or stopped (SIGTERM), and the restarted agent still knows the
 // migration as committed.
+//
+// The source agent serves metrics: after the move they count it.
 func TestRestoredProcessSurvivesAgent(t *testing.T) {
-	b := newMigrationBed(t)
+	RequireCRIU(t)
+	hs := NewHosts(t, 2)
+	metricsAddr := net.JoinHostPort(hs[0].IP, "9446")
+	b := &migrationBed{A: hs[0], B: hs[1]}
+	b.SrcAgent = StartAgent(t, b.A, "--metrics-listen", metricsAddr)
+	b.DstAgent = StartAgent(t, b.B)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("source agent log:\n%s", b.SrcAgent.Log())
+			t.Logf("destination agent log:\n%s", b.DstAgent.Log())
+		}
+	})
 	p := startMemhog(t, b.A, "--mem", "64")
 	before, err := p.Status()
 	if err != nil {
@@ -58,6 +75,7 @@ func TestRestoredProcessSurvivesAgent(t *testing.T) {
 	}
 	r := b.SrcAgent.Move(t, p.PID, b.DstAgent)
 	q := assertMoved(t, b, p, r, before)
+	checkMetrics(t, b.A, metricsAddr)
 
 	info, err := q.Info()
 	if err != nil {
@@ -94,4 +112,52 @@ func TestRestoredProcessSurvivesAgent(t *testing.T) {
 	alive("SIGTERM of the agent")
 	b.DstAgent.Start(t)
 	alive("the second restart")
+}
+
+// checkMetrics scrapes the source agent's metrics from inside its host
+// after one moved migration.
+func checkMetrics(t *testing.T, h *Host, addr string) {
+	t.Helper()
+	dial := dialFrom(h)
+	c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, a string) (net.Conn, error) { return dial(ctx, a) }}}
+	defer c.CloseIdleConnections()
+	resp, err := c.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	values := map[string]float64{}
+	for _, l := range strings.Split(string(body), "\n") {
+		if strings.HasPrefix(l, "migrated_") {
+			if i := strings.LastIndexByte(l, ' '); i > 0 {
+				v, _ := strconv.ParseFloat(l[i+1:], 64)
+				values[l[:i]] = v
+			}
+		}
+	}
+	for key, ok := range map[string]func(float64) bool{
+		`migrated_migrations_total{result="moved"}`:                        func(v float64) bool { return v == 1 },
+		`migrated_migrations_total{result="failed"}`:                       func(v float64) bool { return v == 0 },
+		`migrated_migrations_in_flight`:                                    func(v float64) bool { return v == 0 },
+		`migrated_migration_downtime_seconds_count`:                        func(v float64) bool { return v == 1 },
+		`migrated_migration_downtime_seconds_sum`:                          func(v float64) bool { return v > 0 },
+		`migrated_migration_bytes_total{kind="wire"}`:                      func(v float64) bool { return v > 0 },
+		`migrated_migration_bytes_total{kind="raw"}`:                       func(v float64) bool { return v >= 64<<20 },
+		`migrated_migration_phase_duration_seconds_count{phase="prepare"}`: func(v float64) bool { return v == 1 },
+		`migrated_migration_phase_duration_seconds_count{phase="dump"}`:    func(v float64) bool { return v == 1 },
+		`migrated_migration_phase_duration_seconds_count{phase="restore"}`: func(v float64) bool { return v == 1 },
+		`migrated_migration_precopy_rounds_count`:                          func(v float64) bool { return v == 1 },
+	} {
+		v, found := values[key]
+		if !found || !ok(v) {
+			t.Errorf("metric %s = %v (present %v)", key, v, found)
+		}
+	}
+	if t.Failed() {
+		t.Logf("metrics:\n%s", body)
+	}
 }
