@@ -126,6 +126,12 @@ func (b *bed) runCase(t testing.TB, c benchCase, runs int, emit func(result)) {
 			h.Shape(t, c.Link)
 		}
 	}
+	// Fresh daemons for each case: a Go daemon keeps memory it used for an
+	// earlier, larger workload, which would show as this case's peak.
+	for _, a := range b.agents {
+		a.Stop(t)
+		a.Start(t)
+	}
 	w := c.Workload
 	cur := 0
 	var p *e2e.Proc
