@@ -4,6 +4,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"golang.org/x/sys/unix"
 	"io/fs"
 	"net"
 	"os"
@@ -346,7 +347,7 @@ var keys = []key{
 	boolKey("group_may_move", "group-may-move", "members of the socket group may also move and cancel", func(c *Config) *bool { return &c.GroupMayMove }),
 	strKey("listen", "listen", "Peer API listen address", func(c *Config) *string { return &c.Listen }),
 	strKey("state_dir", "state-dir", "journal and state directory", func(c *Config) *string { return &c.StateDir }),
-	strKey("work_dir", "work-dir", "migration work directories (default STATE_DIR/work)", func(c *Config) *string { return &c.WorkDir }),
+	strKey("work_dir", "work-dir", "migration work directories (default /run/migrated/work on a tmpfs /run, else STATE_DIR/work)", func(c *Config) *string { return &c.WorkDir }),
 	strKey("criu", "criu", "path of the criu binary", func(c *Config) *string { return &c.CRIU }),
 	boolKey("insecure", "insecure", "serve the Peer API over plain TCP (tests and trusted labs only)", func(c *Config) *bool { return &c.Insecure }),
 	boolKey("log_json", "log-json", "log JSON lines", func(c *Config) *bool { return &c.LogJSON }),
@@ -497,7 +498,19 @@ func Resolve(path string, optional bool, apply func(*Config) error) (Config, err
 		return c, err
 	}
 	if c.WorkDir == "" {
-		c.WorkDir = filepath.Join(c.StateDir, "work")
+		c.WorkDir = DefaultWorkDir(c.StateDir)
 	}
 	return c, nil
+}
+
+// DefaultWorkDir is where work directories go when work_dir is not set:
+// /run/migrated/work when /run is a tmpfs (received pages and images then
+// stay in memory, and a restore reads them at memory speed), else
+// STATE_DIR/work.
+func DefaultWorkDir(stateDir string) string {
+	var st unix.Statfs_t
+	if err := unix.Statfs("/run", &st); err == nil && st.Type == unix.TMPFS_MAGIC {
+		return "/run/migrated/work"
+	}
+	return filepath.Join(stateDir, "work")
 }

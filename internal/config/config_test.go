@@ -53,7 +53,7 @@ func TestLoadFile(t *testing.T) {
 		c.Limits.StoreBudget != 256<<20 || c.Limits.MaxImages != 2<<30 || c.MetricsListen != "127.0.0.1:9446" {
 		t.Fatalf("loaded %+v", c)
 	}
-	if c.WorkDir != "/var/lib/m/work" {
+	if c.WorkDir != DefaultWorkDir("/var/lib/m") {
 		t.Fatalf("work dir %q, want STATE_DIR/work", c.WorkDir)
 	}
 	if c.CRIU != "criu" {

@@ -16,9 +16,11 @@ type Policy struct {
 	// FreezeCost is the fixed part of the downtime: freezing, dumping the
 	// non-memory state, restoring on the destination.
 	FreezeCost time.Duration
-	// DumpRate is how fast CRIU reads the whole of memory during the final
-	// dump (bytes/s); unchanged pages still pass through the dump as
-	// references, so this cost scales with the tree's memory.
+	// DumpRate is how fast the frozen part of a migration goes through
+	// the whole of memory (bytes/s): the final dump reads every page (the
+	// unchanged ones cross the network as references) and the restore
+	// writes every page, so this cost scales with the tree's memory, not
+	// with what is dirty.
 	DumpRate float64
 	// MinShrink is the fraction by which the dirty set must shrink from one
 	// round to the next for another round to be worth it.
@@ -37,7 +39,7 @@ func DefaultPolicy() Policy {
 		DowntimeTarget: DefaultDowntimeTarget,
 		MaxRounds:      DefaultMaxRounds,
 		FreezeCost:     150 * time.Millisecond,
-		DumpRate:       2 << 30,
+		DumpRate:       400 << 20, // measured: 512 MiB dump + restore ≈ 1.3 s on a 2-core VM
 		MinShrink:      0.1,
 	}
 }

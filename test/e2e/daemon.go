@@ -38,6 +38,15 @@ type TLSFiles struct {
 	Cert, Key, CA string
 }
 
+// shmWorkDir is h's agent work directory on /dev/shm, a tmpfs, as a real
+// host's /run/migrated/work is: pages and images stay in memory. It is
+// removed at the end of the test.
+func shmWorkDir(t testing.TB, h *Host) string {
+	base := filepath.Join("/dev/shm", filepath.Base(filepath.Dir(h.Dir)))
+	t.Cleanup(func() { _ = os.RemoveAll(base) })
+	return filepath.Join(base, h.Name+"-work")
+}
+
 // StartAgent builds (once) and starts migrated in h with its state under
 // h.Dir, waits until its control socket answers, and stops it at cleanup.
 // extra is appended to the daemon's flags.
@@ -61,7 +70,7 @@ func StartAgent(t testing.TB, h *Host, extra ...string) *Agent {
 		Socket:   filepath.Join(h.Dir, "migrated.sock"),
 		Addr:     net.JoinHostPort(h.IP, "7446"),
 		StateDir: filepath.Join(h.Dir, "state"),
-		WorkDir:  filepath.Join(h.Dir, "work"),
+		WorkDir:  shmWorkDir(t, h),
 		Bin:      BuildTool(t, "./cmd/migrated"),
 		CtlBin:   BuildTool(t, "./cmd/migratectl"),
 		TLS:      files,
