@@ -37,7 +37,7 @@ func (f *fakeLocal) Inspect(_ context.Context, pid int) (Tree, error) {
 	if !f.exists {
 		return Tree{}, fmt.Errorf("%w: pid %d", ErrNoProcess, pid)
 	}
-	return Tree{PIDs: []int{pid, pid + 1}, MemoryBytes: 100 << 20}, nil
+	return Tree{PIDs: []int{pid, pid + 1}, MemoryBytes: 10 << 20}, nil
 }
 func (f *fakeLocal) Alive(Tree) bool { return f.exists }
 func (f *fakeLocal) NewPrecopy(context.Context, string, Tree, Capabilities, pagexfer.Compression, int64) (Precopy, error) {
