@@ -129,7 +129,14 @@ func (b *bed) runCase(t testing.TB, c benchCase, runs int, emit func(result)) {
 	// Fresh daemons for each case: a Go daemon keeps memory it used for an
 	// earlier, larger workload, which would show as this case's peak.
 	for _, a := range b.agents {
-		a.Stop(t)
+		if info, err := a.Proc.Info(); err == nil && info.State != 'Z' {
+			a.Stop(t)
+		}
+		// A daemon killed at the end of the last case may still be
+		// exiting (freeing its memory) with its listener open.
+		if err := waitPortFree(a.Host, peerPort, 30*time.Second); err != nil {
+			t.Fatal(err)
+		}
 		a.Start(t)
 	}
 	w := c.Workload
@@ -395,8 +402,10 @@ func startTool(ctx context.Context, h *e2e.Host, port int, name string, args ...
 	return wait, nil
 }
 
-// Ports of the CRIU methods' helpers on the destination.
+// Ports of the CRIU methods' helpers on the destination, and migrated's
+// peer API.
 const (
+	peerPort       = 7446
 	copyPort       = 7447
 	pageServerPort = 7448
 )

@@ -113,3 +113,15 @@ func waitListening(h *e2e.Host, port int, timeout time.Duration) error {
 	}
 	return nil
 }
+
+// waitPortFree waits until nothing in h listens on port.
+func waitPortFree(h *e2e.Host, port int, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for listening(h, port) {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s: port %d still in use after %v", h.Name, port, timeout)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return nil
+}
