@@ -1,6 +1,8 @@
-// Command migratectl drives the local migrated agent: move a process to
-// another host, check whether it can move, list, watch and cancel
-// migrations.
+// Command migratectl drives a migrated agent: move a process to another
+// host, check whether it can move, list, watch and cancel migrations. It
+// talks to the agent on this host over its control socket, or to a remote
+// agent's control.listen port over mutual TLS (--addr with --tls-cert,
+// --tls-key and --tls-ca).
 package main
 
 import (

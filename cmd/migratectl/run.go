@@ -21,7 +21,7 @@ import (
 	"github.com/migrated/migrated/pkg/client"
 )
 
-const usage = `usage: migratectl [--socket PATH] COMMAND [ARGS]
+const usage = `usage: migratectl [GLOBAL FLAGS] COMMAND [ARGS]
 
 Commands:
   move PID --to HOST[:PORT] [--mode precopy|stopcopy] [--downtime-target DUR]
@@ -37,31 +37,116 @@ Commands:
   certs init DIR --host NAME=IP[,IP...] [--host ...]
                            create a CA and host certificates for mutual TLS
 
-Global flags:
-  --socket PATH            agent control socket (default /run/migrated/migrated.sock)
+Global flags (each also read from the environment variable in brackets):
+  --socket PATH            agent control socket on this host
+                           (default /run/migrated/migrated.sock) [MIGRATED_SOCKET]
+  --addr HOST:PORT         remote control: the agent's control.listen address,
+                           over mutual TLS instead of the socket [MIGRATED_ADDR]
+  --tls-cert FILE          client certificate for --addr; one of its names must be
+                           on the agent's control.allow [MIGRATED_TLS_CERT]
+  --tls-key FILE           key of --tls-cert [MIGRATED_TLS_KEY]
+  --tls-ca FILE            CA that signed the agent's certificate [MIGRATED_TLS_CA]
 `
 
-func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	socket := client.DefaultSocket
-	if s := os.Getenv("MIGRATED_SOCKET"); s != "" {
-		socket = s
+// globals are the global flags: which agent to talk to and how.
+type globals struct {
+	socket string
+	// addr, when set, selects remote control over mutual TLS with tls.
+	addr string
+	tls  client.TLSFiles
+}
+
+// parseGlobals reads the global flags at the front of args (--name VALUE,
+// --name=VALUE or -name), which override their environment variables, and
+// returns the remaining arguments. An address selects remote control unless
+// --socket is on the command line; --socket and --addr together are an
+// error. help reports -h or --help.
+func parseGlobals(args []string) (g globals, rest []string, help bool, err error) {
+	g.socket = client.DefaultSocket
+	flags := []struct {
+		name, env string
+		v         *string
+	}{
+		{"socket", "MIGRATED_SOCKET", &g.socket},
+		{"addr", "MIGRATED_ADDR", &g.addr},
+		{"tls-cert", "MIGRATED_TLS_CERT", &g.tls.Cert},
+		{"tls-key", "MIGRATED_TLS_KEY", &g.tls.Key},
+		{"tls-ca", "MIGRATED_TLS_CA", &g.tls.CA},
 	}
-	for len(args) > 0 && strings.HasPrefix(args[0], "-") {
-		switch {
-		case args[0] == "--socket" || args[0] == "-socket":
-			if len(args) < 2 {
-				return errors.New("--socket needs a path")
-			}
-			socket, args = args[1], args[2:]
-		case strings.HasPrefix(args[0], "--socket="):
-			socket, args = strings.TrimPrefix(args[0], "--socket="), args[1:]
-		case args[0] == "-h" || args[0] == "--help":
-			fmt.Fprint(stdout, usage)
-			return nil
-		default:
-			fmt.Fprint(stderr, usage)
-			return fmt.Errorf("unknown flag %s", args[0])
+	for _, f := range flags {
+		if v := os.Getenv(f.env); v != "" {
+			*f.v = v
 		}
+	}
+	given := map[string]bool{}
+next:
+	for len(args) > 0 && strings.HasPrefix(args[0], "-") {
+		if args[0] == "-h" || args[0] == "--help" {
+			return g, nil, true, nil
+		}
+		name, value, hasValue := strings.Cut(strings.TrimLeft(args[0], "-"), "=")
+		for _, f := range flags {
+			if name != f.name {
+				continue
+			}
+			if !hasValue {
+				if len(args) < 2 {
+					return g, nil, false, fmt.Errorf("--%s needs a value", f.name)
+				}
+				value, args = args[1], args[1:]
+			}
+			if value == "" {
+				return g, nil, false, fmt.Errorf("--%s needs a value", f.name)
+			}
+			*f.v, args = value, args[1:]
+			given[f.name] = true
+			continue next
+		}
+		return g, nil, false, fmt.Errorf("unknown flag %s", args[0])
+	}
+	switch {
+	case given["socket"] && given["addr"]:
+		return g, nil, false, errors.New("--socket and --addr exclude each other: give the local socket or a remote agent")
+	case given["socket"]:
+		g.addr = ""
+	case g.addr == "" && (given["tls-cert"] || given["tls-key"] || given["tls-ca"]):
+		return g, nil, false, errors.New("--tls-cert, --tls-key and --tls-ca are for remote control: give --addr HOST:PORT too")
+	}
+	return g, args, false, nil
+}
+
+// dial connects to the agent g names: the socket, or the remote Control
+// API over mutual TLS.
+func (g globals) dial() (*client.Client, error) {
+	if g.addr == "" {
+		return client.Dial(g.socket)
+	}
+	var missing []string
+	for _, f := range []struct{ name, v string }{{"--tls-cert", g.tls.Cert}, {"--tls-key", g.tls.Key}, {"--tls-ca", g.tls.CA}} {
+		if f.v == "" {
+			missing = append(missing, f.name)
+		}
+	}
+	if len(missing) > 0 {
+		return nil, fmt.Errorf("remote control needs --tls-cert, --tls-key and --tls-ca: %s not given (flags or MIGRATED_TLS_CERT, MIGRATED_TLS_KEY, MIGRATED_TLS_CA)",
+			strings.Join(missing, ", "))
+	}
+	cfg, err := client.LoadTLS(g.tls)
+	if err != nil {
+		return nil, fmt.Errorf("remote control %s: %w", g.addr, err)
+	}
+	return client.DialTLS(g.addr, cfg)
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	g, args, help, err := parseGlobals(args)
+	if help {
+		fmt.Fprint(stdout, usage)
+		return nil
+	}
+	if err != nil {
+		fmt.Fprint(stderr, usage)
+		return err
 	}
 	if len(args) == 0 {
 		fmt.Fprint(stderr, usage)
@@ -75,7 +160,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if cmd == "certs" {
 		return cmdCerts(args, stdout, stderr)
 	}
-	c, err := client.Dial(socket)
+	c, err := g.dial()
 	if err != nil {
 		return err
 	}

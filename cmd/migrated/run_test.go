@@ -4,11 +4,13 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -216,6 +218,51 @@ func TestConfigErrorsNameTheKey(t *testing.T) {
 	}
 }
 
+// buildMigratectl builds cmd/migratectl into the test's temporary
+// directory and returns the binary's path.
+func buildMigratectl(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "migratectl")
+	cmd := exec.Command("go", "build", "-o", bin, "./cmd/migratectl")
+	cmd.Dir = filepath.Join("..", "..")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build ./cmd/migratectl: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// runCtl runs the migratectl binary with args and env on top of an
+// environment without the MIGRATED_ variables.
+func runCtl(t *testing.T, bin string, env []string, args ...string) (stdout, stderr string, err error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, args...)
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "MIGRATED_") {
+			cmd.Env = append(cmd.Env, kv)
+		}
+	}
+	cmd.Env = append(cmd.Env, env...)
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	err = cmd.Run()
+	return out.String(), errOut.String(), err
+}
+
+// exitCode is a command's exit status: 0 after success, -1 when it did not
+// run to an exit.
+func exitCode(err error) int {
+	if err == nil {
+		return 0
+	}
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return ee.ExitCode()
+	}
+	return -1
+}
+
 func unwrapAll(err error) error {
 	for {
 		u, ok := err.(interface{ Unwrap() error })
@@ -302,24 +349,47 @@ func TestMutualTLSDaemon(t *testing.T) {
 	if m == nil {
 		t.Fatalf("no control_listen in the start line:\n%s", d.log)
 	}
+	remoteAddr := m[1]
+	tlsFiles := func(name string) client.TLSFiles {
+		return client.TLSFiles{Cert: filepath.Join(pki, name+".crt"), Key: filepath.Join(pki, name+".key"), CA: filepath.Join(pki, "ca.crt")}
+	}
 	remote := func(name string) (*migratev1.ListMigrationsResponse, error) {
-		_, cfg, err := agent.LoadTLS(agent.TLSFiles{Cert: filepath.Join(pki, name+".crt"), Key: filepath.Join(pki, name+".key"), CA: filepath.Join(pki, "ca.crt")}, nil)
+		cfg, err := client.LoadTLS(tlsFiles(name))
 		if err != nil {
 			t.Fatal(err)
 		}
-		cfg.ServerName = "127.0.0.1"
-		conn, err := grpc.NewClient(m[1], grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
+		rc, err := client.DialTLS(remoteAddr, cfg)
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer conn.Close()
-		return migratev1.NewControlClient(conn).ListMigrations(context.Background(), &migratev1.ListMigrationsRequest{})
+		defer rc.Close()
+		cctx, ccancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer ccancel()
+		return rc.List(cctx)
 	}
 	if _, err := remote("orch"); err != nil {
 		t.Fatalf("remote control as an allowed client: %v", err)
 	}
 	if _, err := remote("friend"); status.Code(err) != codes.PermissionDenied {
 		t.Fatalf("remote control as a client not on control.allow: %v", err)
+	}
+
+	// The same through migratectl, with flags and with its environment.
+	ctl := buildMigratectl(t)
+	orch := tlsFiles("orch")
+	stdout, stderr, err := runCtl(t, ctl, nil, "--addr", remoteAddr, "--tls-cert", orch.Cert, "--tls-key", orch.Key, "--tls-ca", orch.CA, "list")
+	if err != nil || !strings.HasPrefix(stdout, "ID ") || !strings.Contains(stdout, "STATE") {
+		t.Fatalf("migratectl --addr list as an allowed client: %v\nstdout:\n%s\nstderr:\n%s\nagent:\n%s", err, stdout, stderr, d.log)
+	}
+	friend := tlsFiles("friend")
+	env := []string{"MIGRATED_ADDR=" + remoteAddr, "MIGRATED_TLS_CERT=" + friend.Cert, "MIGRATED_TLS_KEY=" + friend.Key, "MIGRATED_TLS_CA=" + friend.CA}
+	stdout, stderr, err = runCtl(t, ctl, env, "list")
+	if exitCode(err) == 0 || !strings.Contains(stderr, "permission denied") || !strings.Contains(stderr, "not on the control allow-list") {
+		t.Fatalf("migratectl list as a client not on control.allow: exit %d, want a permission error and a non-zero exit\nstdout:\n%s\nstderr:\n%s", exitCode(err), stdout, stderr)
+	}
+	_, stderr, err = runCtl(t, ctl, nil, "--addr", remoteAddr, "--tls-cert", orch.Cert, "list")
+	if exitCode(err) == 0 || !strings.Contains(stderr, "remote control needs --tls-cert, --tls-key and --tls-ca") {
+		t.Fatalf("migratectl --addr without a key and CA: exit %d\nstderr:\n%s", exitCode(err), stderr)
 	}
 
 	// Refusals are counted when the server's side of the handshake ends,

@@ -1,5 +1,3 @@
-// Package client is a small Go client for migrated's Control API, for
-// orchestrators and for migratectl.
 package client
 
 import (
@@ -21,8 +19,8 @@ type Client struct {
 	c    migratev1.ControlClient
 }
 
-// Dial connects to the agent's control socket. The connection is made on
-// the first call.
+// Dial connects to the agent's control socket on this host. The connection
+// is made on the first call.
 func Dial(socket string) (*Client, error) {
 	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
