@@ -38,9 +38,16 @@ func NewSource(criu *criurpc.Client, workRoot string, log hclog.Logger) *Source 
 		xfers: map[string]*xfer{}}
 }
 
-// Capabilities probes CRIU.
+// Capabilities probes CRIU. Every migration's preflight probes, so the
+// page-server header size the final dump needs is the current CRIU's.
 func (s *Source) Capabilities(ctx context.Context) (phaul.Capabilities, error) {
-	return probe(ctx, s.criu)
+	caps, err := probe(ctx, s.criu)
+	if err == nil {
+		s.mu.Lock()
+		s.hdrSize = caps.PageServerHeaderSize
+		s.mu.Unlock()
+	}
+	return caps, err
 }
 
 func probe(ctx context.Context, c *criurpc.Client) (phaul.Capabilities, error) {
@@ -253,8 +260,8 @@ func networkLock(tcp bool) criurpc.NetworkLock {
 	return criurpc.NetworkLockDefault
 }
 
-// headerSize is the page-server header size of the local CRIU, probed
-// once per agent.
+// headerSize is the page-server header size of the local CRIU, as the
+// last probe found it.
 func (s *Source) headerSize(ctx context.Context) (int, error) {
 	s.mu.Lock()
 	hdr := s.hdrSize

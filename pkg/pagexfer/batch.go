@@ -87,20 +87,20 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 // Payload format version and record tags.
 const (
-	formatVersion = 1
+	formatVersion = 2
 
 	tagPage = 1 // precopy: hash[32] data[4096]
 	tagMap  = 2 // precopy: dst_id u64, vaddr u64, n u32, n×hash[32]
 	tagCmd  = 3 // final: op u16, flags u16, nr u64, vaddr u64, dst_id u64, entries
 
-	entData = 0 // hash[32] data[4096]
+	entData = 0 // data[4096]
 	entRef  = 1 // hash[32]
 	entZero = 2 // nothing
 
 	payloadHeaderLen = 2  // version, kind
 	cmdRecordLen     = 29 // tag + op..dst_id
 	pageRecordLen    = 1 + 32 + PageSize
-	dataEntryLen     = 1 + 32 + PageSize
+	dataEntryLen     = 1 + PageSize
 	refEntryLen      = 1 + 32
 )
 
@@ -278,8 +278,7 @@ func nextEntry(b []byte) (entry, []byte) {
 	e := entry{kind: b[0]}
 	switch e.kind {
 	case entData:
-		copy(e.hash[:], b[1:33])
-		e.data = b[33:dataEntryLen]
+		e.data = b[1:dataEntryLen]
 		return e, b[dataEntryLen:]
 	case entRef:
 		copy(e.hash[:], b[1:33])

@@ -23,12 +23,15 @@
 //
 // # Deduplication
 //
-// Every page is hashed (SHA-256). The Sender keeps the set of contents the
-// destination holds (Known): a page whose content is in it crosses the
-// wire as its 32-byte hash, a page of zeros as one byte, any other page as
-// hash and content, after which it is known. The Store keeps every content
-// it received, so references always resolve; the replay writes full pages
-// into CRIU's page server, so the destination's images have no parent.
+// Pre-copy pages are hashed (SHA-256) and the destination's Store keeps
+// their contents; the Sender keeps the set of those contents (Known). A
+// pre-copy page whose content is known is not sent again. In the final
+// dump a page whose content is known crosses the wire as its 32-byte hash,
+// a page of zeros as one byte, any other page as its content, which the
+// destination writes straight into CRIU's page server without keeping it:
+// references always resolve from the Store, the destination holds no more
+// than the pre-copied contents, and its images have no parent. Without
+// pre-copy (stopcopy) nothing is known and the final dump is not hashed.
 //
 // The hash is SHA-256 and not BLAKE3: on 4 KiB pages BLAKE3 cannot use its
 // wide SIMD (a page is four 1 KiB chunks), and with the SHA extensions of
@@ -52,7 +55,7 @@
 //
 // The uncompressed payload, all integers little-endian:
 //
-//	version u8 (1) | kind u8 (1 pre-copy, 2 final) | records...
+//	version u8 (2) | kind u8 (1 pre-copy, 2 final) | records...
 //
 //	pre-copy records:
 //	  1 PAGE    hash[32] data[4096]                      content the destination stores
@@ -62,7 +65,7 @@
 //	  3 CMD     op u16 | flags u16 | nr_pages u64 | vaddr u64 | dst_id u64 | entries
 //	            a page-server command as CRIU sent it (see psproto); commands with
 //	            data carry nr_pages entries, each one of:
-//	              0 DATA  hash[32] data[4096]
+//	              0 DATA  data[4096]
 //	              1 REF   hash[32]
 //	              2 ZERO
 //

@@ -2,10 +2,10 @@ package pagexfer
 
 import "sync"
 
-// Known is the set of page contents (by hash) the destination holds. The
-// Sender adds a hash when it puts the page's data into a batch, so one
-// Known serves every pre-copy round and the final dump of a migration. It
-// is safe for concurrent use.
+// Known is the set of page contents (by hash) the destination's Store
+// holds. The Sender adds a hash when it puts a pre-copy page into a batch,
+// so one Known serves every pre-copy round and the final dump of a
+// migration. It is safe for concurrent use.
 type Known struct {
 	mu sync.RWMutex
 	m  map[Hash]struct{}

@@ -29,7 +29,7 @@ type ReceiverOptions struct {
 // ReceiverStats are a Receiver's running totals.
 type ReceiverStats struct {
 	Batches       uint64 // batches accepted
-	PagesStored   uint64 // page contents received (pre-copy and final)
+	PagesStored   uint64 // pre-copy page contents stored
 	PagesReplayed uint64 // pages written to CRIU's page server
 	PagesFromRefs uint64 // of which resolved from the store (references, parent holes)
 	PagesZero     uint64 // of which zero pages filled in
@@ -420,16 +420,12 @@ func (r *Receiver) replayCommand(rs *replayState, rec record) (done bool, err er
 			rs.scratch = make([]byte, need)
 		}
 		bufs := append(rs.bufs[:0], hdr)
-		var stored, refs, zeros uint64
+		var refs, zeros uint64
 		for es := rec.entries; len(es) > 0; {
 			var e entry
 			e, es = nextEntry(es)
 			switch e.kind {
 			case entData:
-				if err := r.store.Put(e.hash, e.data); err != nil {
-					return false, err
-				}
-				stored++
 				bufs = append(bufs, e.data)
 			case entRef:
 				p := rs.scratch[refs*PageSize : (refs+1)*PageSize]
@@ -448,7 +444,6 @@ func (r *Receiver) replayCommand(rs *replayState, rec record) (done bool, err er
 		if _, err := nb.WriteTo(ps); err != nil {
 			return false, err
 		}
-		r.st.stored.Add(stored)
 		r.st.refs.Add(refs)
 		r.st.zero.Add(zeros)
 		r.st.replayed.Add(h.NrPages)

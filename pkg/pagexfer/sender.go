@@ -370,7 +370,11 @@ func (s *Sender) maxPagesPerRecord() int {
 
 // sendPages puts a final-stream command whose data is pages (len
 // h.NrPages×PageSize, at most maxPagesPerRecord pages): each page goes as
-// a zero mark, a reference or its content.
+// a zero mark, a reference to a content the destination stores (from
+// pre-copy), or its content. The destination writes final contents
+// straight into its CRIU page server and does not keep them, so they do
+// not become known; without pre-copy nothing is known and pages are not
+// hashed at all.
 func (s *Sender) sendPages(ctx context.Context, h psproto.Header, pages []byte) error {
 	n := len(pages) / PageSize
 	if err := s.room(ctx, BatchFinal, cmdRecordLen+n*dataEntryLen); err != nil {
@@ -382,26 +386,30 @@ func (s *Sender) sendPages(ctx context.Context, h psproto.Header, pages []byte) 
 		s.zeros = make([]bool, n)
 	}
 	hs, zs := s.hashes[:n], s.zeros[:n]
-	hashPages(pages, hs, zs)
+	dedup := s.known.Len() > 0
+	if dedup {
+		hashPages(pages, hs, zs)
+	} else {
+		for i := range n {
+			zs[i] = isZero(pages[i*PageSize : (i+1)*PageSize])
+		}
+	}
 	var zero, refs, sent uint64
 	for i := 0; i < n; i++ {
 		p := pages[i*PageSize : (i+1)*PageSize]
-		if zs[i] {
+		switch {
+		case zs[i]:
 			s.cur = append(s.cur, entZero)
 			zero++
-			continue
-		}
-		hash := hs[i]
-		if !s.known.Add(hash) {
+		case dedup && s.known.Has(hs[i]):
 			s.cur = append(s.cur, entRef)
-			s.cur = append(s.cur, hash[:]...)
+			s.cur = append(s.cur, hs[i][:]...)
 			refs++
-			continue
+		default:
+			s.cur = append(s.cur, entData)
+			s.cur = append(s.cur, p...)
+			sent++
 		}
-		s.cur = append(s.cur, entData)
-		s.cur = append(s.cur, hash[:]...)
-		s.cur = append(s.cur, p...)
-		sent++
 	}
 	s.c.zero.Add(zero)
 	s.c.refs.Add(refs)

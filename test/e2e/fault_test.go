@@ -265,27 +265,42 @@ func runCRIUFault(t *testing.T, fault faultKind, phase string) {
 		if fault == criuDest {
 			h = b.B
 		}
+		// Every CRIU of the agent on h fails until the move ends: besides
+		// the dump (or the page server) the agent may run short CRIU
+		// queries, and killing only one of those would test nothing.
 		killed := 0
-		deadline := time.Now().Add(10 * time.Second)
-		for killed == 0 && time.Now().Before(deadline) {
+		deadline := time.Now().Add(time.Minute)
+	kill:
+		for time.Now().Before(deadline) {
 			procs, err := h.Processes()
 			if err != nil {
 				t.Fatal(err)
 			}
 			for _, pi := range procs {
-				if pi.Comm == "criu" {
-					if err := syscall.Kill(pi.GlobalPID, syscall.SIGKILL); err == nil {
-						killed++
+				// The agent's CRIU runs as `criu swrk FD`; an exited one
+				// not reaped yet (a zombie) would not fail anything.
+				if pi.Comm != "criu" || pi.State == 'Z' || len(pi.Cmdline) < 2 || pi.Cmdline[1] != "swrk" {
+					continue
+				}
+				if err := syscall.Kill(pi.GlobalPID, syscall.SIGKILL); err == nil {
+					t.Logf("killed %s pid %d (%s, state %c)", h.Name, pi.PID, strings.Join(pi.Cmdline, " "), pi.State)
+					if killed == 0 {
+						backAt = time.Now()
 					}
+					killed++
 				}
 			}
-			time.Sleep(20 * time.Millisecond)
+			select {
+			case r := <-done:
+				done <- r
+				break kill
+			case <-time.After(20 * time.Millisecond):
+			}
 		}
 		if killed == 0 {
 			t.Fatalf("no CRIU process to kill on %s", h.Name)
 		}
 		t.Logf("killed %d CRIU process(es) on %s", killed, h.Name)
-		backAt = time.Now()
 	case "during restore":
 		if !waitLog(t, b.DstAgent, "point=dest-restore", time.Minute) {
 			t.Fatal("the restore never started")
@@ -441,9 +456,13 @@ func countFDs(t *testing.T, a *Agent) int {
 	return n
 }
 
-// TestConcurrentMoves moves four processes at once.
+// TestConcurrentMoves moves four processes at once to a destination that
+// takes at most two at a time from one peer (limits.max_per_peer): every
+// move either goes through or is refused at prepare with the process
+// running on the source untouched, and a refused move goes through when
+// retried.
 func TestConcurrentMoves(t *testing.T) {
-	b := newMigrationBed(t)
+	b := newMigrationBed(t, "--max-per-peer", "2")
 	var ps []*Proc
 	var befores []WorkloadStatus
 	for i := 0; i < 4; i++ {
@@ -465,10 +484,27 @@ func TestConcurrentMoves(t *testing.T) {
 		}()
 	}
 	wg.Wait()
+	moved := 0
 	for i, p := range ps {
-		if results[i].Err != nil {
-			t.Fatalf("move %d of pid %d: %v %s", i, p.PID, results[i].Err, results[i].Last.Error)
+		r := results[i]
+		if r.Err == nil {
+			moved++
+			continue
 		}
+		if r.Last.FailedPhase != "prepare" || !strings.Contains(r.Last.Error, "too many concurrent migrations") {
+			t.Fatalf("move %d of pid %d: %v %s", i, p.PID, r.Err, r.Last.Error)
+		}
+		t.Logf("move %d refused as the user sees it: %s", i, r.Last.Error)
+		assertRunsOnSource(t, b, p, befores[i])
+		if r := b.SrcAgent.Move(t, p.PID, b.DstAgent); r.Err != nil {
+			t.Fatalf("retry of pid %d: %v %s", p.PID, r.Err, r.Last.Error)
+		}
+	}
+	if moved < 2 {
+		t.Fatalf("only %d of 4 concurrent moves went through with two allowed at a time", moved)
+	}
+	t.Logf("%d moves went through at once, %d after a retry", moved, len(ps)-moved)
+	for i, p := range ps {
 		q := p.On(b.B)
 		WaitStatus(t, q, func(s WorkloadStatus) bool { return s.Counter > befores[i].Counter }, 30*time.Second)
 		if v := Verify(t, q); v.Verify != "ok" {
