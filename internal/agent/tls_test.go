@@ -95,7 +95,7 @@ func (s *logSink) String() string {
 
 // startTLSServer serves the health service with the Peer API's credentials
 // on 127.0.0.1.
-func startTLSServer(t *testing.T, files TLSFiles, allow []string) (addr string, logs *logSink, refused *int) {
+func startTLSServer(t *testing.T, files TLSFiles, allow []string) (addr string, logs *logSink, refused func() int) {
 	t.Helper()
 	srvCfg, _, err := LoadTLS(files, allow)
 	if err != nil {
@@ -115,7 +115,7 @@ func startTLSServer(t *testing.T, files TLSFiles, allow []string) (addr string, 
 	done := make(chan struct{})
 	go func() { defer close(done); s.Serve(ln) }()
 	t.Cleanup(func() { s.Stop(); <-done })
-	return ln.Addr().String(), logs, &n
+	return ln.Addr().String(), logs, func() int { mu.Lock(); defer mu.Unlock(); return n }
 }
 
 func healthCheck(t *testing.T, addr string, creds credentials.TransportCredentials) error {
@@ -231,14 +231,14 @@ func TestPeerTLS(t *testing.T) {
 			// The refusal is logged when the handshake ends, which may be
 			// just after the client saw it.
 			deadline := time.Now().Add(10 * time.Second)
-			for !strings.Contains(logs.String(), "peer refused: TLS handshake failed") && time.Now().Before(deadline) {
+			for (!strings.Contains(logs.String(), "peer refused: TLS handshake failed") || refused() == 0) && time.Now().Before(deadline) {
 				time.Sleep(10 * time.Millisecond)
 			}
 			l := logs.String()
 			if !strings.Contains(l, "peer refused: TLS handshake failed") || !strings.Contains(l, tc.logWant) || !strings.Contains(l, "remote=127.0.0.1:") {
 				t.Fatalf("server log lacks a clear refusal with %q:\n%s", tc.logWant, l)
 			}
-			if *refused == 0 {
+			if refused() == 0 {
 				t.Fatal("refusal not counted")
 			}
 		})

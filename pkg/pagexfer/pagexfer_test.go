@@ -407,3 +407,41 @@ func TestReceiverRejects(t *testing.T) {
 func seal(kind BatchKind, seq uint64, raw []byte) *Batch {
 	return &Batch{Kind: kind, Seq: seq, Payload: raw, RawLen: uint32(len(raw)), Checksum: crc32c(raw)}
 }
+
+// TestStorePages puts pages into a store that keeps two in memory and
+// spills the rest, and reads every one back with Get and Page.
+func TestStorePages(t *testing.T) {
+	s, err := NewStore(t.TempDir(), 2*PageSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	pages := memory(rand.New(rand.NewPCG(5, 6)), 5, 0, 0)
+	for _, p := range pages {
+		if err := s.Put(HashPage(p), p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if st := s.Stats(); st.SpilledPages != 3 {
+		t.Fatalf("stats %+v, want 3 pages spilled", st)
+	}
+	scratch := make([]byte, PageSize)
+	got := make([]byte, PageSize)
+	for i, p := range pages {
+		h := HashPage(p)
+		if err := s.Get(h, got); err != nil || !bytes.Equal(got, p) {
+			t.Fatalf("Get of page %d: %v, equal %v", i, err, bytes.Equal(got, p))
+		}
+		q, err := s.Page(h, scratch)
+		if err != nil || !bytes.Equal(q, p) {
+			t.Fatalf("Page of page %d: %v, equal %v", i, err, bytes.Equal(q, p))
+		}
+		if inScratch := &q[0] == &scratch[0]; inScratch != (i >= 2) {
+			t.Fatalf("page %d read into scratch: %v; only spilled pages should be", i, inScratch)
+		}
+	}
+	var missing Hash
+	if _, err := s.Page(missing, scratch); !errors.Is(err, ErrUnknownHash) {
+		t.Fatalf("Page of an unknown hash: %v", err)
+	}
+}

@@ -407,7 +407,8 @@ func (r *Receiver) replayCommand(rs *replayState, rec record) (done bool, err er
 		return true, nil
 	case h.HasData():
 		// Header and pages go out in one writev: page contents straight
-		// from the batch, referenced ones read from the store.
+		// from the batch, referenced ones from the store's memory (or read
+		// from its spill file).
 		if err := w.Flush(); err != nil {
 			return false, err
 		}
@@ -428,8 +429,8 @@ func (r *Receiver) replayCommand(rs *replayState, rec record) (done bool, err er
 			case entData:
 				bufs = append(bufs, e.data)
 			case entRef:
-				p := rs.scratch[refs*PageSize : (refs+1)*PageSize]
-				if err := r.store.Get(e.hash, p); err != nil {
+				p, err := r.store.Page(e.hash, rs.scratch[refs*PageSize:(refs+1)*PageSize])
+				if err != nil {
 					return false, err
 				}
 				refs++

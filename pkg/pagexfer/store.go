@@ -127,6 +127,28 @@ func (s *Store) Get(h Hash, dst []byte) error {
 	return nil
 }
 
+// Page returns the content: the store's own memory for a page it holds
+// in memory (never modified; the caller must not modify it either), or
+// the page read into scratch (at least PageSize bytes) for a spilled one.
+// It saves the copy Get makes where the caller only reads the page.
+func (s *Store) Page(h Hash, scratch []byte) ([]byte, error) {
+	s.mu.RLock()
+	loc, ok := s.index[h]
+	closed := s.closed
+	var mem []byte
+	if ok && loc >= 0 && !closed {
+		mem = s.chunks[loc/storeChunk][(loc%storeChunk)*PageSize:][:PageSize:PageSize]
+	}
+	s.mu.RUnlock()
+	if mem != nil {
+		return mem, nil
+	}
+	if err := s.Get(h, scratch); err != nil {
+		return nil, err
+	}
+	return scratch[:PageSize], nil
+}
+
 // SetMapping records that page vaddr of image dst (a psproto dst_id) holds
 // content h.
 func (s *Store) SetMapping(dst, vaddr uint64, h Hash) {

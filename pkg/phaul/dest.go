@@ -89,6 +89,10 @@ type Destination struct {
 
 	mu   sync.Mutex
 	migs map[string]*destMigration
+
+	// cleanups are work-directory removals after a commit, which the
+	// source need not wait for; Close waits for them.
+	cleanups sync.WaitGroup
 }
 
 type destMigration struct {
@@ -377,9 +381,11 @@ func (d *Destination) Restore(ctx context.Context, id string) (RestoredTree, err
 		log.Warn("restore failed; migration discarded", "error", err)
 		return RestoredTree{}, err
 	}
+	start := time.Now()
 	if err := m.recv.FinishFinal(ctx); err != nil {
 		return fail(fmt.Errorf("writing pages: %w", err))
 	}
+	pagesDone := time.Now()
 	if err := d.hook(ctx, "dest-restore"); err != nil {
 		return fail(err)
 	}
@@ -400,7 +406,8 @@ func (d *Destination) Restore(ctx context.Context, id string) (RestoredTree, err
 	if err := d.cfg.Journal.Put(rec); err != nil {
 		log.Error("journal write failed", "error", err)
 	}
-	log.Info("restored, stopped, waiting for the decision", "pid", t.PID)
+	log.Info("restored, stopped, waiting for the decision", "pid", t.PID,
+		"pages_wait", pagesDone.Sub(start), "criu_restore", time.Since(pagesDone))
 	if err := d.hook(ctx, "dest-restored"); err != nil {
 		return RestoredTree{}, err
 	}
@@ -439,10 +446,18 @@ func (d *Destination) Commit(ctx context.Context, id string) (int, error) {
 	if err := d.cfg.Journal.Put(m.rec); err != nil {
 		d.log.Error("journal write failed", "migration_id", id, "error", err)
 	}
-	if m.recv != nil {
-		m.recv.Close()
-	}
-	d.cfg.Local.Cleanup(id)
+	// The page store and the images (the size of the workload) go after
+	// the answer: the source counts the time to it as downtime.
+	recv := m.recv
+	m.recv = nil
+	d.cleanups.Add(1)
+	go func() {
+		defer d.cleanups.Done()
+		if recv != nil {
+			recv.Close()
+		}
+		d.cfg.Local.Cleanup(id)
+	}()
 	d.forget(id)
 	d.log.Info("committed: process resumed", "migration_id", id, "pid", m.tree.PID)
 	if err := d.hook(ctx, "dest-commit-ack"); err != nil {
@@ -545,6 +560,7 @@ func (d *Destination) Records() []Record {
 // stopped trees are kept (the source decides their fate; recovery after
 // restart resolves them through the journal).
 func (d *Destination) Close() {
+	defer d.cleanups.Wait()
 	d.mu.Lock()
 	ms := make([]*destMigration, 0, len(d.migs))
 	for _, m := range d.migs {

@@ -25,7 +25,7 @@ func newMigrationBed(t *testing.T, dstFlags ...string) *migrationBed {
 	b.SrcAgent = StartAgent(t, b.A)
 	b.DstAgent = StartAgent(t, b.B, dstFlags...)
 	t.Cleanup(func() {
-		if t.Failed() {
+		if t.Failed() || os.Getenv("E2E_AGENT_LOGS") != "" {
 			t.Logf("source agent log:\n%s", b.SrcAgent.Log())
 			t.Logf("destination agent log:\n%s", b.DstAgent.Log())
 		}
