@@ -102,6 +102,12 @@ const (
 	pageRecordLen    = 1 + 32 + PageSize
 	dataEntryLen     = 1 + PageSize
 	refEntryLen      = 1 + 32
+
+	// MaxRecordPages is the most pages a final command record may carry:
+	// as many data entries as fit the largest batch. A Sender never makes
+	// a larger record, and the Receiver allocates up to this many pages to
+	// replay one.
+	MaxRecordPages = (MaxBatchRaw - payloadHeaderLen - cmdRecordLen) / dataEntryLen
 )
 
 var le = binary.LittleEndian
@@ -233,6 +239,9 @@ func (r *recordReader) next() (rec record, ok bool, err error) {
 		}
 		r.off += cmdRecordLen
 		if rec.hdr.HasData() {
+			if rec.hdr.NrPages > MaxRecordPages {
+				return rec, false, r.fail(start+5, "%d pages in one record, at most %d", rec.hdr.NrPages, MaxRecordPages)
+			}
 			if rec.hdr.NrPages > uint64(len(r.b)-r.off) {
 				return rec, false, r.fail(start+5, "%d pages with %d bytes left", rec.hdr.NrPages, len(r.b)-r.off)
 			}

@@ -70,9 +70,10 @@
 //	              2 ZERO
 //
 // A CRIU command with more pages than fit a batch is split into several
-// CMD records, each replayed as its own command. Decoding checks every
-// length against the bytes present before using it, validates commands
-// as psproto does, and reports a *RecordError with the offset.
+// CMD records of at most MaxRecordPages pages, each replayed as its own
+// command. Decoding checks every length against the bytes present before
+// using it, validates commands as psproto does, and reports a
+// *RecordError with the offset.
 //
 // # Pre-copy without soft-dirty
 //

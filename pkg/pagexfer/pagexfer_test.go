@@ -8,6 +8,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 
@@ -384,6 +385,19 @@ func TestReceiverRejects(t *testing.T) {
 	pre.Checksum++
 	if err := m.recv.HandleBatch(ctx, pre); !errors.Is(err, ErrBadBatch) {
 		t.Fatalf("bad checksum: %v", err)
+	}
+	// A record of more pages than a batch can carry (zero entries are one
+	// byte each, so a small compressed batch could declare millions) is
+	// refused before the replay allocates for it.
+	huge := appendCmdRecord(appendPayloadHeader(nil, BatchFinal), psproto.Header{Cmd: psproto.OpAddF, Flags: psproto.FlagPresent, NrPages: MaxRecordPages + 1, Vaddr: 0x1000, DstID: 0x101})
+	huge = append(huge, bytes.Repeat([]byte{entZero}, MaxRecordPages+1)...)
+	rr, err := newRecordReader(huge, 1, BatchFinal)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var re *RecordError
+	if _, _, err := rr.next(); !errors.As(err, &re) || !strings.Contains(err.Error(), "at most") {
+		t.Fatalf("record of %d pages: %v", MaxRecordPages+1, err)
 	}
 	// A reference to content nobody sent fails the replay, naming it.
 	psOurs, psTheirs := net.Pipe()

@@ -365,7 +365,7 @@ func (s *Sender) sendCommand(ctx context.Context, h psproto.Header) error {
 // maxPagesPerRecord bounds the pages of one command record so that it fits
 // a batch of the configured size.
 func (s *Sender) maxPagesPerRecord() int {
-	return max(1, (s.opts.BatchSize-payloadHeaderLen-cmdRecordLen)/dataEntryLen)
+	return min(MaxRecordPages, max(1, (s.opts.BatchSize-payloadHeaderLen-cmdRecordLen)/dataEntryLen))
 }
 
 // sendPages puts a final-stream command whose data is pages (len
