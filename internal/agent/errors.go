@@ -25,6 +25,7 @@ var errorCodes = []struct {
 	{phaul.ErrBusy, codes.ResourceExhausted},
 	{phaul.ErrExists, codes.AlreadyExists},
 	{phaul.ErrCanceled, codes.Canceled},
+	{phaul.ErrDiscarded, codes.Aborted},
 	{ErrPermission, codes.PermissionDenied},
 	{ErrInvalid, codes.InvalidArgument},
 }
@@ -85,6 +86,8 @@ func fromStatus(err error) error {
 		return &remoteError{msg: msg, err: phaul.ErrExists}
 	case codes.PermissionDenied, codes.Unauthenticated:
 		return &remoteError{msg: msg, err: ErrPermission}
+	case codes.Aborted:
+		return &remoteError{msg: msg, err: phaul.ErrDiscarded}
 	case codes.Canceled:
 		return &remoteError{msg: msg, err: context.Canceled}
 	case codes.DeadlineExceeded:

@@ -419,8 +419,13 @@ func (d *Destination) Commit(ctx context.Context, id string) (int, error) {
 	m, err := d.get(id)
 	if err != nil {
 		// Committed migrations stay known through the journal.
-		if r, jerr := d.cfg.Journal.Get(id); jerr == nil && r.State == DestCommitted {
-			return r.DestPID, nil
+		if r, jerr := d.cfg.Journal.Get(id); jerr == nil {
+			switch r.State {
+			case DestCommitted:
+				return r.DestPID, nil
+			case DestAborted:
+				return 0, fmt.Errorf("%w: migration %s was discarded here (%s)", ErrDiscarded, id, r.Error)
+			}
 		}
 		return 0, err
 	}
@@ -429,6 +434,8 @@ func (d *Destination) Commit(ctx context.Context, id string) (int, error) {
 	switch m.rec.State {
 	case DestCommitted:
 		return m.tree.PID, nil
+	case DestAborted:
+		return 0, fmt.Errorf("%w: migration %s was discarded here (%s)", ErrDiscarded, id, m.rec.Error)
 	case DestRestored:
 	default:
 		return 0, fmt.Errorf("%w: commit in state %s", ErrBadState, m.rec.State)

@@ -43,12 +43,21 @@
 //     except on an explicit Abort.
 //   - The source writes its decision to its journal (fsync, atomic
 //     replace) before acting on it. Commit: the journal says
-//     decided-commit; the source kills its frozen copy; then it sends
-//     Commit, re-sending until the destination acknowledges, and the
-//     destination resumes its copy. Abort: the journal says decided-abort;
-//     the source resumes its copy (safe before the destination answers,
-//     because the destination never resumes on its own), then sends
-//     Abort, re-sending in the background until acknowledged.
+//     decided-commit; the source sends Commit, re-sending until the
+//     destination acknowledges; the destination resumes its copy and
+//     answers; then the source kills its frozen copy. The frozen copy
+//     cannot run again (after decided-commit the source never resumes it
+//     but in the case below), and until the destination's copy is
+//     confirmed it is the only one known to exist. Abort: the journal says
+//     decided-abort; the source resumes its copy (safe before the
+//     destination answers, because the destination never resumes on its
+//     own), then sends Abort, re-sending in the background until
+//     acknowledged.
+//   - A destination that lost its restored copy before the commit reached
+//     it (a reboot kills a stopped tree as surely as a running one) has
+//     recorded the migration as aborted, and answers Commit with
+//     ErrDiscarded. It holds no copy and never will, so the source resumes
+//     its frozen copy and records the migration as aborted.
 //   - Commit and Abort are idempotent by migration id: a repeated Commit
 //     returns the running PID, a repeated Abort does nothing, and an Abort
 //     after a Commit is refused (ErrTooLate).
@@ -58,14 +67,16 @@
 //
 // So at every instant at most one copy runs, and after any single fault at
 // least one copy exists: before the decision the source's copy (running or
-// frozen), after it the destination's (stopped or running).
+// frozen), after it the destination's (stopped or running), and the
+// source's frozen copy until the destination's is confirmed.
 //
 // # Recovery
 //
 // On start an agent reads its journal (Source.Recover, Destination.Recover).
 // The source drives every unfinished record to an end: decided-commit is
-// carried forward (kill the source copy if it is still there, re-send
-// Commit); any other state is aborted (journal decided-abort, resume the
+// carried forward (re-send Commit, then kill the source copy if it is
+// still there, or resume it if the destination answers ErrDiscarded); any
+// other state is aborted (journal decided-abort, resume the
 // source copy, re-send Abort). The destination reloads its records: a tree
 // restored before the crash is kept, stopped, for the source's decision;
 // anything short of a restored tree is discarded, since the source can only

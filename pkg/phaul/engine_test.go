@@ -121,6 +121,7 @@ type fakeDestLocal struct {
 	pidsUsed   []int
 	state      string // "", stopped, running, killed
 	criuErr    error
+	dead       bool // the restored tree is gone (a reboot)
 }
 
 func (d *fakeDestLocal) Capabilities(context.Context) (Capabilities, error) {
@@ -153,7 +154,7 @@ func (d *fakeDestLocal) Restore(_ context.Context, _ string, dir string, _ Resto
 }
 func (d *fakeDestLocal) Resume(RestoredTree) error { d.set("running"); return nil }
 func (d *fakeDestLocal) Kill(RestoredTree) error   { d.set("killed"); return nil }
-func (d *fakeDestLocal) Alive(RestoredTree) bool   { return true }
+func (d *fakeDestLocal) Alive(RestoredTree) bool   { return !d.dead }
 func (d *fakeDestLocal) Cleanup(id string)         { os.RemoveAll(filepath.Join(d.root, id)) }
 func (d *fakeDestLocal) set(s string) {
 	d.mu.Lock()
@@ -175,7 +176,8 @@ func (fakeReceiver) Close() error                                       { return
 // localPeer calls a Destination in-process.
 type localPeer struct {
 	d         *Destination
-	commitErr int // fail this many commits first
+	commitErr int    // fail this many commits first
+	onCommit  func() // called at every commit attempt
 }
 
 type localStream struct {
@@ -212,6 +214,9 @@ func (p *localPeer) Restore(ctx context.Context, id string) (int, error) {
 	return t.PID, err
 }
 func (p *localPeer) Commit(ctx context.Context, id string) (int, error) {
+	if p.onCommit != nil {
+		p.onCommit()
+	}
 	if p.commitErr > 0 {
 		p.commitErr--
 		return 0, errors.New("link down")
@@ -391,6 +396,78 @@ func TestEngineCommitRetried(t *testing.T) {
 	_, out := b.move(t, MoveRequest{Mode: ModeStopCopy})
 	if !out.Moved || b.dst.State() != "running" {
 		t.Fatalf("outcome %+v, destination %s", out, b.dst.State())
+	}
+}
+
+// TestEngineKeepsFrozenSourceUntilAck checks the order of the commit: the
+// frozen source copy exists at every commit attempt, and goes only after
+// the destination acknowledged.
+func TestEngineKeepsFrozenSourceUntilAck(t *testing.T) {
+	b := newEngineBed(t)
+	b.peer.commitErr = 2
+	var seen []string
+	b.peer.onCommit = func() { seen = append(seen, b.src.State()) }
+	_, out := b.move(t, MoveRequest{Mode: ModeStopCopy})
+	if !out.Moved {
+		t.Fatalf("outcome %+v", out)
+	}
+	if want := []string{"frozen", "frozen", "frozen"}; strings.Join(seen, ",") != strings.Join(want, ",") {
+		t.Fatalf("source copy at the commit attempts: %v, want %v", seen, want)
+	}
+	if b.src.State() != "killed" || b.dst.State() != "running" {
+		t.Fatalf("source %s, destination %s; want killed, running", b.src.State(), b.dst.State())
+	}
+}
+
+// TestEngineDestinationLostCopy: the destination restarts after the commit
+// decision and finds its restored copy gone (as after a reboot); it answers
+// the commit with ErrDiscarded and the source's frozen copy resumes.
+func TestEngineDestinationLostCopy(t *testing.T) {
+	b := newEngineBed(t)
+	b.peer.onCommit = func() {
+		if b.peer.d != b.d {
+			return
+		}
+		b.dst.dead = true
+		b.peer.d = NewDestination(DestConfig{Local: b.dst, Journal: b.dstJ})
+		if kept, _ := b.peer.d.Recover(); len(kept) != 0 {
+			t.Errorf("the restarted destination kept %d migrations of a lost tree", len(kept))
+		}
+	}
+	m, out := b.move(t, MoveRequest{Mode: ModeStopCopy})
+	if out.Moved || out.ProcessLocation != "source" || !errors.Is(out.Err, ErrDiscarded) {
+		t.Fatalf("outcome %+v", out)
+	}
+	if b.src.State() != "running" {
+		t.Fatalf("source copy %s, want running", b.src.State())
+	}
+	if rec, err := b.srcJ.Get(m.ID); err != nil || rec.State != StateAborted {
+		t.Fatalf("source journal: %+v %v", rec, err)
+	}
+	// Recovery takes the same way: a decided commit whose destination lost
+	// its copy ends with the source copy running.
+	b.src.Kill(Tree{})
+	b.src.state = "frozen"
+	rec, _ := b.srcJ.Get(m.ID)
+	rec.State = StateDecidedCommit
+	if err := b.srcJ.Put(rec); err != nil {
+		t.Fatal(err)
+	}
+	s2 := NewSource(SourceConfig{Local: b.src, Journal: b.srcJ, Dial: func(context.Context, string) (Peer, error) { return b.peer, nil }})
+	defer s2.Close()
+	if todo := s2.Recover(); len(todo) != 1 {
+		t.Fatalf("recovery took up %d records", len(todo))
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if rec, _ := b.srcJ.Get(m.ID); rec.State == StateAborted && b.src.State() == "running" {
+			break
+		}
+		if time.Now().After(deadline) {
+			rec, _ := b.srcJ.Get(m.ID)
+			t.Fatalf("recovery: record %s, source copy %s", rec.State, b.src.State())
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 

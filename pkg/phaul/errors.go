@@ -25,6 +25,11 @@ var (
 	ErrBadState = errors.New("call out of order for the migration's state")
 	// ErrBusy: too many concurrent migrations.
 	ErrBusy = errors.New("too many concurrent migrations")
+	// ErrDiscarded: the destination answers a commit with the news that it
+	// holds no copy of the migration's process (its restored copy was lost,
+	// for instance to a reboot, and it has recorded the migration as
+	// aborted). The source's frozen copy is then the only one, and resumes.
+	ErrDiscarded = errors.New("the destination holds no copy of the process")
 )
 
 // PhaseError is a migration failure: which phase failed, where the process

@@ -2,6 +2,7 @@ package phaul
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 )
@@ -10,8 +11,8 @@ import (
 //
 // The source is the coordinator, so its journal decides:
 //   - a record whose decision is commit (decided-commit) is driven forward:
-//     the source's frozen copy is removed if it still exists and the commit
-//     is re-sent until the destination acknowledges it;
+//     the commit is re-sent until the destination acknowledges it, then the
+//     source's frozen copy is removed if it still exists;
 //   - every other unfinished record is driven back: abort is written, the
 //     source's copy is resumed if it is frozen, and the abort is re-sent
 //     until the destination acknowledges it. Resuming before that ack is
@@ -90,15 +91,10 @@ func (s *Source) recoverOne(ctx context.Context, r Record, why string) {
 			}
 		}
 		log.Info("recovery: migration aborted, the process runs on the source")
+		s.cfg.Local.Cleanup(r.ID)
 	} else {
-		if s.cfg.Local.Alive(tree) {
-			if err := s.cfg.Local.Kill(tree); err != nil {
-				log.Error("removing the frozen source copy failed", "error", err)
-			}
-		}
-		log.Info("recovery: commit decided before the restart; re-sending it")
+		log.Info("recovery: commit decided; re-sending it, the frozen source copy stays until the destination acknowledges")
 	}
-	s.cfg.Local.Cleanup(r.ID)
 
 	var peer Peer
 	defer func() {
@@ -123,6 +119,24 @@ func (s *Source) recoverOne(ctx context.Context, r Record, why string) {
 					r.State, r.DestPID = StateDone, pid
 					r.Error = joinErr(r.Error, "recovered after an agent restart: committed")
 				}
+				if errors.Is(err, ErrDiscarded) {
+					// The destination holds no copy and never will: the
+					// frozen one here is the only one left.
+					cancel()
+					log.Error("recovery: the destination lost its copy before the commit reached it; resuming the source copy", "error", err)
+					if s.cfg.Local.Alive(tree) {
+						if rerr := s.cfg.Local.Resume(tree); rerr != nil {
+							log.Error("resuming the source copy failed", "error", rerr)
+						}
+					}
+					r.State = StateAborted
+					r.Error = joinErr(r.Error, "the destination lost its copy before the commit reached it; the source copy resumed")
+					if jerr := s.cfg.Journal.Put(r); jerr != nil {
+						log.Error("journal write failed", "error", jerr)
+					}
+					s.cfg.Local.Cleanup(r.ID)
+					return
+				}
 			} else {
 				err = peer.Abort(cctx, r.ID, joinErr(why, "aborted by the source"))
 				if err == nil {
@@ -132,6 +146,15 @@ func (s *Source) recoverOne(ctx context.Context, r Record, why string) {
 			cancel()
 		}
 		if err == nil {
+			if commit {
+				// The destination runs its copy: the frozen one here goes.
+				if s.cfg.Local.Alive(tree) {
+					if kerr := s.cfg.Local.Kill(tree); kerr != nil {
+						log.Error("removing the frozen source copy failed", "error", kerr)
+					}
+				}
+				s.cfg.Local.Cleanup(r.ID)
+			}
 			if jerr := s.cfg.Journal.Put(r); jerr != nil {
 				log.Error("journal write failed", "error", jerr)
 			}

@@ -651,24 +651,35 @@ func (s *Source) run(ctx context.Context, m *Migration) (out Outcome) {
 		return fail(PhaseCommit, fmt.Errorf("writing the commit decision: %w", err))
 	}
 	m.setState(StateDecidedCommit)
-	m.emit(Event{Phase: PhaseCommit, Message: fmt.Sprintf("committed: removing the source copy, resuming pid %d on %s", destPID, req.Destination)})
+	m.emit(Event{Phase: PhaseCommit, Message: fmt.Sprintf("committed: resuming pid %d on %s, then removing the frozen source copy", destPID, req.Destination)})
 	if err := hook("after-decision"); err != nil {
 		log.Warn("failpoint after the decision", "error", err)
 	}
-	if err := s.cfg.Local.Kill(tree); err != nil {
-		log.Error("removing the frozen source copy failed", "error", err)
-	}
+	// The frozen source copy stays until the destination acknowledges: it
+	// cannot run again (the decision is durable and the source never
+	// resumes after it), and while the destination's copy is unconfirmed
+	// it is the only one known to exist.
 	pid, err := s.sendCommit(peer, m.ID, log)
+	if errors.Is(err, ErrDiscarded) {
+		return s.destinationLost(m, rec, tree, err, log)
+	}
 	if err != nil {
-		// The decision stands: keep re-sending it in the background.
+		// The decision stands: keep re-sending it in the background; the
+		// frozen source copy is removed once it is acknowledged.
 		s.resend(rec, "")
 		out := Outcome{
 			Moved: false, DestPID: destPID, Total: time.Since(start), Rounds: len(rounds), WireBytes: wire, RawBytes: raw,
 			FailedPhase: PhaseCommit, ProcessLocation: "destination",
-			Advice: "the destination holds the restored process stopped and resumes it when the commit reaches it; this agent keeps re-sending it (see migratectl status)",
+			Advice: "the destination holds the restored process stopped and resumes it when the commit reaches it; this agent keeps re-sending it, and keeps the frozen source copy until the destination acknowledges (see migratectl status)",
 		}
 		out.Err = &PhaseError{ID: m.ID, Phase: PhaseCommit, Err: err, Location: "unknown", Advice: out.Advice}
 		return out
+	}
+	if err := hook("after-commit"); err != nil {
+		log.Warn("failpoint after the commit", "error", err)
+	}
+	if err := s.cfg.Local.Kill(tree); err != nil {
+		log.Error("removing the frozen source copy failed", "error", err)
 	}
 	rec.State = StateDone
 	rec.Phase = PhaseDone.String()
@@ -681,6 +692,29 @@ func (s *Source) run(ctx context.Context, m *Migration) (out Outcome) {
 		Moved: true, DestPID: pid, Downtime: downtime, Total: time.Since(start),
 		Rounds: len(rounds), WireBytes: wire, RawBytes: raw, ProcessLocation: "destination",
 		PrecopyStopReason: stopReason,
+	}
+}
+
+// destinationLost handles a commit the destination answers with
+// ErrDiscarded: it holds no copy and has recorded the migration as aborted,
+// so it will never resume one. The frozen source copy, the only one left,
+// resumes.
+func (s *Source) destinationLost(m *Migration, rec Record, tree Tree, err error, log hclog.Logger) Outcome {
+	log.Error("the destination lost its restored copy after the commit decision; resuming the source copy", "error", err)
+	if rerr := s.cfg.Local.Resume(tree); rerr != nil {
+		log.Error("resuming the source copy failed", "error", rerr)
+	}
+	rec.State, rec.Phase = StateAborted, PhaseCommit.String()
+	rec.Error = joinErr(rec.Error, "the destination lost its copy before the commit reached it; the source copy resumed")
+	if jerr := s.cfg.Journal.Put(rec); jerr != nil {
+		log.Error("journal write failed", "error", jerr)
+	}
+	m.setState(StateAborted)
+	s.cfg.Local.Cleanup(m.ID)
+	advice := "the destination lost its restored copy (for instance in a reboot) before the commit reached it; the process runs on the source again — retry the move"
+	return Outcome{
+		Moved: false, FailedPhase: PhaseCommit, ProcessLocation: "source", Advice: advice,
+		Err: &PhaseError{ID: m.ID, Phase: PhaseCommit, Err: err, Location: "source", Advice: advice},
 	}
 }
 
@@ -752,8 +786,8 @@ func (s *Source) sendCommit(peer Peer, id string, log hclog.Logger) (int, error)
 		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 		pid, err := peer.Commit(ctx, id)
 		cancel()
-		if err == nil {
-			return pid, nil
+		if err == nil || errors.Is(err, ErrDiscarded) {
+			return pid, err
 		}
 		if time.Now().After(deadline) {
 			return 0, fmt.Errorf("destination did not acknowledge the commit: %w", err)

@@ -35,7 +35,7 @@ var faultPhases = []faultPhase{
 	{"during restore", "restore", "dest-restore"},
 	{"after restore, before commit", "before-commit", "dest-restored"},
 	{"after the decision is journaled", "after-decision", "dest-commit"},
-	{"after commit, before the ack", "", "dest-resumed"},
+	{"after commit, before the ack", "after-commit", "dest-resumed"},
 }
 
 type faultKind string
@@ -213,7 +213,7 @@ func TestFaultMatrix(t *testing.T) {
 	for _, fault := range []faultKind{killSource, killDest, cutLink} {
 		for _, ph := range faultPhases {
 			point, onSource := ph.src, true
-			if fault == killDest || (fault == cutLink && ph.src == "") {
+			if fault == killDest || (fault == cutLink && ph.src == "after-commit") {
 				point, onSource = ph.dst, false
 			}
 			if point == "" {
