@@ -211,19 +211,35 @@ func (d *Dest) Restore(ctx context.Context, id, imagesDir string, o phaul.Restor
 	}
 	t, err := inspect(d.procRoot, res.PID)
 	if err != nil {
-		return phaul.RestoredTree{PID: res.PID, PIDs: []int{res.PID}}, nil
+		pids := []int{res.PID}
+		return phaul.RestoredTree{PID: res.PID, PIDs: pids, Identity: identify(d.procRoot, pids)}, nil
 	}
-	return phaul.RestoredTree{PID: res.PID, PIDs: t.PIDs}, nil
+	return phaul.RestoredTree{PID: res.PID, PIDs: t.PIDs, Identity: t.Identity}, nil
 }
 
 // Resume lets a restored tree run.
-func (d *Dest) Resume(t phaul.RestoredTree) error { return signalTree(t.PIDs, unix.SIGCONT) }
+func (d *Dest) Resume(t phaul.RestoredTree) error {
+	return signalTree(d.procRoot, t.PIDs, t.Identity, unix.SIGCONT)
+}
 
 // Kill removes a restored, stopped tree.
-func (d *Dest) Kill(t phaul.RestoredTree) error { return signalTree(t.PIDs, unix.SIGKILL) }
+func (d *Dest) Kill(t phaul.RestoredTree) error {
+	return signalTree(d.procRoot, t.PIDs, t.Identity, unix.SIGKILL)
+}
 
-// Alive reports whether the tree's root exists.
-func (d *Dest) Alive(t phaul.RestoredTree) bool { return alive(d.procRoot, t.PID) }
+// Alive reports whether the tree's root exists and is the restored
+// process: the recorded identity, or, while it is unknown (the agent
+// stopped during the restore), a stopped task as CRIU leaves it.
+func (d *Dest) Alive(t phaul.RestoredTree) bool {
+	if !alive(d.procRoot, t.PID, t.Identity) {
+		return false
+	}
+	if t.Identity.Known() {
+		return true
+	}
+	st, err := procState(d.procRoot, t.PID)
+	return err == nil && (st == 'T' || st == 't')
+}
 
 // Cleanup removes the migration's work directory.
 func (d *Dest) Cleanup(id string) {

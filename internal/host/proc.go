@@ -50,7 +50,55 @@ func inspect(procRoot string, pid int) (phaul.Tree, error) {
 		t.Files = append(t.Files, phaul.FileRef{Path: path, Size: size})
 	}
 	sort.Slice(t.Files, func(a, b int) bool { return t.Files[a].Path < t.Files[b].Path })
+	t.Identity = identify(procRoot, t.PIDs)
 	return t, nil
+}
+
+// identify records the boot id and the tasks' start times; a task whose
+// start time cannot be read gets 0, which matches no process.
+func identify(procRoot string, pids []int) phaul.Identity {
+	id := phaul.Identity{BootID: bootID(), Starts: make([]uint64, len(pids))}
+	for i, p := range pids {
+		id.Starts[i], _ = procStart(procRoot, p)
+	}
+	return id
+}
+
+// bootID is the kernel's boot id: it changes with every boot, so a
+// journaled identity from before a reboot matches nothing after it.
+func bootID() string {
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// procStart returns the start time of pid in clock ticks after boot
+// (field 22 of /proc/PID/stat).
+func procStart(procRoot string, pid int) (uint64, error) {
+	f, err := statFields(procRoot, pid)
+	if err != nil {
+		return 0, err
+	}
+	// f[0] is field 3 (state); the start time is field 22.
+	if len(f) < 20 {
+		return 0, errors.New("malformed stat")
+	}
+	return strconv.ParseUint(f[19], 10, 64)
+}
+
+// same reports whether pid is the task identity recorded at index i: with
+// an unknown identity any existing pid is.
+func same(procRoot string, id phaul.Identity, i, pid int) bool {
+	if !id.Known() {
+		return true
+	}
+	if i >= len(id.Starts) || id.BootID != bootID() {
+		return false
+	}
+	st, err := procStart(procRoot, pid)
+	return err == nil && st == id.Starts[i]
 }
 
 func children(procRoot string, pid int) []int {
@@ -111,29 +159,47 @@ func privateMemory(procRoot string, pid int) uint64 {
 	return kb << 10
 }
 
-// procState returns the state letter of pid (R, S, T, Z, ...).
-func procState(procRoot string, pid int) (byte, error) {
+// statFields returns the fields of /proc/PID/stat after the command
+// name: field 3 (state) first.
+func statFields(procRoot string, pid int) ([]string, error) {
 	b, err := os.ReadFile(filepath.Join(procRoot, strconv.Itoa(pid), "stat"))
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	i := bytes.LastIndexByte(b, ')')
 	if i < 0 || i+2 >= len(b) {
+		return nil, errors.New("malformed stat")
+	}
+	return strings.Fields(string(b[i+1:])), nil
+}
+
+// procState returns the state letter of pid (R, S, T, Z, ...).
+func procState(procRoot string, pid int) (byte, error) {
+	f, err := statFields(procRoot, pid)
+	if err != nil {
+		return 0, err
+	}
+	if len(f) == 0 || len(f[0]) != 1 {
 		return 0, errors.New("malformed stat")
 	}
-	return b[i+2], nil
+	return f[0][0], nil
 }
 
-func alive(procRoot string, pid int) bool {
+// alive reports whether the root task (index 0) of a tree exists, is not a
+// zombie, and matches its identity when that is known.
+func alive(procRoot string, pid int, id phaul.Identity) bool {
 	st, err := procState(procRoot, pid)
-	return err == nil && st != 'Z' && st != 'X'
+	return err == nil && st != 'Z' && st != 'X' && same(procRoot, id, 0, pid)
 }
 
-// signalTree sends sig to every task of a tree; tasks already gone are
-// not an error.
-func signalTree(pids []int, sig unix.Signal) error {
+// signalTree sends sig to every task of a tree that matches its identity;
+// tasks already gone, or whose PID another process now has, are skipped.
+func signalTree(procRoot string, pids []int, id phaul.Identity, sig unix.Signal) error {
 	var errs []error
-	for _, p := range pids {
+	for i, p := range pids {
+		if !same(procRoot, id, i, p) {
+			continue
+		}
 		if err := unix.Kill(p, sig); err != nil && !errors.Is(err, unix.ESRCH) {
 			errs = append(errs, fmt.Errorf("pid %d: %w", p, err))
 		}

@@ -84,7 +84,7 @@ func (s *Source) Inspect(ctx context.Context, pid int) (phaul.Tree, error) {
 }
 
 // Alive reports whether the tree's root exists and is not a zombie.
-func (s *Source) Alive(t phaul.Tree) bool { return alive(s.procRoot, t.Root()) }
+func (s *Source) Alive(t phaul.Tree) bool { return alive(s.procRoot, t.Root(), t.Identity) }
 
 // xfer is one migration's page transfer: a single Sender for all its
 // streams (the destination checks batch sequence numbers across them), fed
@@ -236,14 +236,14 @@ func (s *Source) Dump(ctx context.Context, req phaul.DumpRequest) (phaul.DumpRes
 	f := <-fwdc
 	if f.err != nil {
 		// CRIU finished, so the tree is frozen: let it run again.
-		if rerr := signalTree(req.Tree.PIDs, unix.SIGCONT); rerr != nil {
+		if rerr := signalTree(s.procRoot, req.Tree.PIDs, req.Tree.Identity, unix.SIGCONT); rerr != nil {
 			s.log.Error("resume after a failed page stream", "error", rerr)
 		}
 		return phaul.DumpResult{}, fmt.Errorf("page stream: %w", f.err)
 	}
 	files, err := imageFiles(dir)
 	if err != nil {
-		_ = signalTree(req.Tree.PIDs, unix.SIGCONT)
+		_ = signalTree(s.procRoot, req.Tree.PIDs, req.Tree.Identity, unix.SIGCONT)
 		return phaul.DumpResult{}, err
 	}
 	res := phaul.DumpResult{ImagesDir: dir, Files: files, FrozenAt: frozenAt, Pages: snd.Counters().Sub(before)}
@@ -296,10 +296,14 @@ func imageFiles(dir string) ([]string, error) {
 }
 
 // Resume lets a frozen tree run.
-func (s *Source) Resume(t phaul.Tree) error { return signalTree(t.PIDs, unix.SIGCONT) }
+func (s *Source) Resume(t phaul.Tree) error {
+	return signalTree(s.procRoot, t.PIDs, t.Identity, unix.SIGCONT)
+}
 
 // Kill removes the frozen tree.
-func (s *Source) Kill(t phaul.Tree) error { return signalTree(t.PIDs, unix.SIGKILL) }
+func (s *Source) Kill(t phaul.Tree) error {
+	return signalTree(s.procRoot, t.PIDs, t.Identity, unix.SIGKILL)
+}
 
 // Cleanup removes the migration's work directory and pre-copy state.
 func (s *Source) Cleanup(id string) {

@@ -33,6 +33,8 @@ type PageReceiver interface {
 type RestoredTree struct {
 	PID  int   // root PID
 	PIDs []int // every task
+	// Identity of the restored tasks; unknown while the restore runs.
+	Identity Identity
 }
 
 // DestLocal is the destination host: CRIU and pagexfer on the machine the
@@ -51,11 +53,14 @@ type DestLocal interface {
 	NewReceiver(ctx context.Context, id, workDir string, hdrSize int) (PageReceiver, error)
 	// Restore restores the tree from imagesDir, left stopped.
 	Restore(ctx context.Context, id, imagesDir string, opts RestoreOptions) (RestoredTree, error)
-	// Resume lets a restored tree run.
+	// Resume lets a restored tree run. Resume and Kill signal only the
+	// tasks that match the tree's Identity when it is known.
 	Resume(t RestoredTree) error
 	// Kill removes a restored, stopped tree.
 	Kill(t RestoredTree) error
-	// Alive reports whether the tree's root exists.
+	// Alive reports whether the tree's root exists and is the restored
+	// process: the same Identity when it is known, otherwise stopped (a
+	// tree whose restore was under way is left stopped by CRIU).
 	Alive(t RestoredTree) bool
 	// Cleanup removes the migration's work directory.
 	Cleanup(id string)
@@ -401,6 +406,7 @@ func (d *Destination) Restore(ctx context.Context, id string) (RestoredTree, err
 	m.rec.State = DestRestored
 	m.rec.DestPID = t.PID
 	m.rec.PIDs = t.PIDs
+	m.rec.Identity = t.Identity
 	rec = m.rec
 	m.mu.Unlock()
 	if err := d.cfg.Journal.Put(rec); err != nil {

@@ -83,6 +83,11 @@
 // abort it. Records reach a terminal state (done, aborted, failed) and stay
 // in the journal for `migratectl status`.
 //
+// Recovery signals only the processes the journal names: each record
+// carries the tree's Identity (the boot id and every task's start time),
+// and a PID that another process took since (after an exit, or after a
+// reboot) is neither resumed, nor killed, nor taken for a restored copy.
+//
 // # Cancellation and shutdown
 //
 // Source.Cancel stops a migration before its commit point and the

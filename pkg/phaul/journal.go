@@ -14,17 +14,21 @@ import (
 
 // Record is one migration's entry in an agent's journal.
 type Record struct {
-	ID      string    `json:"id"`
-	Role    string    `json:"role"` // "source" or "destination"
-	PID     int       `json:"pid"`
-	PIDs    []int     `json:"pids,omitempty"`
-	Peer    string    `json:"peer,omitempty"`
-	State   string    `json:"state"`
-	Phase   string    `json:"phase,omitempty"`
-	DestPID int       `json:"dest_pid,omitempty"`
-	Error   string    `json:"error,omitempty"`
-	Started time.Time `json:"started"`
-	Updated time.Time `json:"updated"`
+	ID   string `json:"id"`
+	Role string `json:"role"` // "source" or "destination"
+	PID  int    `json:"pid"`
+	PIDs []int  `json:"pids,omitempty"`
+	// Identity of the tree's tasks (source: the original; destination:
+	// the restored copy), so that recovery never signals a process that
+	// only reuses a PID.
+	Identity Identity  `json:"identity,omitempty"`
+	Peer     string    `json:"peer,omitempty"`
+	State    string    `json:"state"`
+	Phase    string    `json:"phase,omitempty"`
+	DestPID  int       `json:"dest_pid,omitempty"`
+	Error    string    `json:"error,omitempty"`
+	Started  time.Time `json:"started"`
+	Updated  time.Time `json:"updated"`
 }
 
 // Journal states. A source record moves started → frozen → decided-commit

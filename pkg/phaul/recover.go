@@ -70,7 +70,7 @@ func (s *Source) resend(r Record, why string) {
 
 func (s *Source) recoverOne(ctx context.Context, r Record, why string) {
 	log := s.log.With("migration_id", r.ID, "pid", r.PID, "destination", r.Peer)
-	tree := Tree{PIDs: r.PIDs}
+	tree := Tree{PIDs: r.PIDs, Identity: r.Identity}
 	if len(tree.PIDs) == 0 {
 		tree.PIDs = []int{r.PID}
 	}
@@ -193,7 +193,7 @@ func (d *Destination) Recover() (kept []Record, notes []string) {
 			continue
 		}
 		m := &destMigration{rec: r, workDir: "", restored: false}
-		tree := RestoredTree{PID: r.DestPID, PIDs: r.PIDs}
+		tree := RestoredTree{PID: r.DestPID, PIDs: r.PIDs, Identity: r.Identity}
 		if (r.State == DestRestored || r.State == DestRestoring) && r.DestPID != 0 && d.cfg.Local.Alive(tree) {
 			m.tree, m.restored = tree, true
 			m.rec.State = DestRestored

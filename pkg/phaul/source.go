@@ -494,7 +494,7 @@ func (s *Source) run(ctx context.Context, m *Migration) (out Outcome) {
 	if err != nil {
 		return fail(PhasePrepare, err)
 	}
-	rec.PIDs = tree.PIDs
+	rec.PIDs, rec.Identity = tree.PIDs, tree.Identity
 	caps, err := s.cfg.Local.Capabilities(ctx)
 	if err != nil {
 		return fail(PhasePrepare, fmt.Errorf("probing CRIU on the source: %w", err))

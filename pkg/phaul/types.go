@@ -87,7 +87,21 @@ type Tree struct {
 	Files []FileRef
 	// MemoryBytes is the tree's private resident memory.
 	MemoryBytes uint64
+	// Identity tells these processes from later ones that reuse their
+	// PIDs; the zero value identifies nothing.
+	Identity Identity
 }
+
+// Identity tells the tasks of a tree from processes that later reuse their
+// PIDs (after they exit, or after a reboot): the host's boot id and each
+// task's start time (clock ticks after boot, from /proc/PID/stat).
+type Identity struct {
+	BootID string   `json:"boot_id,omitempty"`
+	Starts []uint64 `json:"starts,omitempty"` // parallel to the tree's PIDs
+}
+
+// Known reports whether the identity has anything to check.
+func (i Identity) Known() bool { return i.BootID != "" && len(i.Starts) > 0 }
 
 // Root returns the tree's root PID.
 func (t Tree) Root() int { return t.PIDs[0] }
@@ -224,14 +238,16 @@ type Local interface {
 	// Inspect finds the tree rooted at pid. ErrNoProcess if it does not
 	// exist.
 	Inspect(ctx context.Context, pid int) (Tree, error)
-	// Alive reports whether the tree's root still exists.
+	// Alive reports whether the tree's root still exists (and, when the
+	// tree's Identity is known, is the same process).
 	Alive(tree Tree) bool
 	// NewPrecopy starts pre-copy state for a tree.
 	NewPrecopy(ctx context.Context, id string, tree Tree, caps Capabilities, compression pagexfer.Compression, bandwidth int64) (Precopy, error)
 	// Dump freezes the tree and dumps it, pages into req.Pages, leaving
 	// the tree frozen (stopped) on success. On error the tree runs.
 	Dump(ctx context.Context, req DumpRequest) (DumpResult, error)
-	// Resume lets a frozen tree run again.
+	// Resume lets a frozen tree run again. Resume and Kill signal only the
+	// tasks that match the tree's Identity when it is known.
 	Resume(tree Tree) error
 	// Kill removes the frozen tree.
 	Kill(tree Tree) error
