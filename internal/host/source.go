@@ -29,13 +29,17 @@ type Source struct {
 	mu      sync.Mutex
 	xfers   map[string]*xfer // per migration
 	hdrSize int
+	// netLocks holds the run ids of dumps that left their tree stopped
+	// with the network locked (TCPEstablished), by root PID: resuming or
+	// removing the tree lifts the lock.
+	netLocks map[int]string
 }
 
 // NewSource returns the source side over criu, with work directories
 // under workRoot.
 func NewSource(criu *criurpc.Client, workRoot string, log hclog.Logger) *Source {
 	return &Source{criu: criu, workRoot: workRoot, procRoot: "/proc", log: log,
-		xfers: map[string]*xfer{}}
+		xfers: map[string]*xfer{}, netLocks: map[int]string{}}
 }
 
 // Capabilities probes CRIU. Every migration's preflight probes, so the
@@ -233,17 +237,27 @@ func (s *Source) Dump(ctx context.Context, req phaul.DumpRequest) (phaul.DumpRes
 		}
 		return phaul.DumpResult{}, derr
 	}
+	if req.TCPEstablished {
+		// CRIU keeps the network locked for a tree it leaves stopped.
+		if id, err := criurpc.DumpRunID(dir); err != nil {
+			s.log.Error("cannot tell the dump's network lock; its nft table stays until removed by hand", "error", err)
+		} else {
+			s.mu.Lock()
+			s.netLocks[req.Tree.Root()] = id
+			s.mu.Unlock()
+		}
+	}
 	f := <-fwdc
 	if f.err != nil {
 		// CRIU finished, so the tree is frozen: let it run again.
-		if rerr := signalTree(s.procRoot, req.Tree.PIDs, req.Tree.Identity, unix.SIGCONT); rerr != nil {
+		if rerr := s.Resume(req.Tree); rerr != nil {
 			s.log.Error("resume after a failed page stream", "error", rerr)
 		}
 		return phaul.DumpResult{}, fmt.Errorf("page stream: %w", f.err)
 	}
 	files, err := imageFiles(dir)
 	if err != nil {
-		_ = signalTree(s.procRoot, req.Tree.PIDs, req.Tree.Identity, unix.SIGCONT)
+		_ = s.Resume(req.Tree)
 		return phaul.DumpResult{}, err
 	}
 	res := phaul.DumpResult{ImagesDir: dir, Files: files, FrozenAt: frozenAt, Pages: snd.Counters().Sub(before)}
@@ -297,12 +311,28 @@ func imageFiles(dir string) ([]string, error) {
 
 // Resume lets a frozen tree run.
 func (s *Source) Resume(t phaul.Tree) error {
-	return signalTree(s.procRoot, t.PIDs, t.Identity, unix.SIGCONT)
+	err := signalTree(s.procRoot, t.PIDs, t.Identity, unix.SIGCONT)
+	return errors.Join(err, s.unlockNetwork(t))
+}
+
+// unlockNetwork lifts the network lock a stopped dump of t left, if any.
+func (s *Source) unlockNetwork(t phaul.Tree) error {
+	s.mu.Lock()
+	id, ok := s.netLocks[t.Root()]
+	delete(s.netLocks, t.Root())
+	s.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return criurpc.UnlockNetwork(ctx, id)
 }
 
 // Kill removes the frozen tree.
 func (s *Source) Kill(t phaul.Tree) error {
-	return signalTree(s.procRoot, t.PIDs, t.Identity, unix.SIGKILL)
+	err := signalTree(s.procRoot, t.PIDs, t.Identity, unix.SIGKILL)
+	return errors.Join(err, s.unlockNetwork(t))
 }
 
 // Cleanup removes the migration's work directory and pre-copy state.

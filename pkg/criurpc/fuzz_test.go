@@ -2,6 +2,8 @@ package criurpc
 
 import (
 	"errors"
+	"os"
+	"strings"
 	"testing"
 
 	"google.golang.org/protobuf/proto"
@@ -53,5 +55,26 @@ func FuzzSummarizeLog(f *testing.F) {
 			t.Fatalf("tail of %d lines", len(s.tail))
 		}
 		_ = cleanErrMsg(string(b))
+	})
+}
+
+// FuzzInventoryRunID feeds arbitrary files to the inventory reader: it
+// returns a run id fit for a table name or ErrBadInventory, never panics.
+func FuzzInventoryRunID(f *testing.F) {
+	if b, err := os.ReadFile("testdata/inventory-tcp.img"); err == nil {
+		f.Add(b)
+	}
+	f.Add([]byte{0x16, 0x31, 0x31, 0x58, 0, 0, 0, 0})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		id, err := parseInventoryRunID(b)
+		if err != nil {
+			if !errors.Is(err, ErrBadInventory) {
+				t.Fatalf("error %v is not ErrBadInventory", err)
+			}
+			return
+		}
+		if id == "" || strings.ContainsAny(id, " \t\n;/\\\"'") {
+			t.Fatalf("run id %q", id)
+		}
 	})
 }

@@ -697,3 +697,37 @@ func TestRestoreSibling(t *testing.T) {
 		t.Fatalf("reap restored child: %v, %v", ws, err)
 	}
 }
+
+// TestNetworkLockLeftByStoppedDump dumps a process holding a TCP socket
+// with TCPEstablished and the nftables lock, leaving it stopped: CRIU
+// keeps its lock table, named after the dump's run id, and UnlockNetwork
+// removes it.
+func TestNetworkLockLeftByStoppedDump(t *testing.T) {
+	e2e.RequireNFT(t)
+	c := testClient(t)
+	w := startWorkload(t, 8, "--listen", "47125")
+	dir := t.TempDir()
+	if _, err := c.Dump(t.Context(), DumpOptions{ImagesDir: dir, PID: w.pid, LeaveStopped: true,
+		TCPEstablished: true, NetworkLock: NetworkLockNFTables}, nil); err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Kill(w.pid, syscall.SIGCONT)
+	id, err := DumpRunID(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	table := NetworkLockTable(id)
+	t.Cleanup(func() { _ = exec.Command("nft", "delete", "table", "inet", table).Run() })
+	if out, err := exec.Command("nft", "list", "table", "inet", table).CombinedOutput(); err != nil {
+		t.Fatalf("no lock table %s after the dump: %v: %s", table, err, out)
+	}
+	if err := UnlockNetwork(t.Context(), id); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("nft", "list", "table", "inet", table).CombinedOutput(); err == nil {
+		t.Fatalf("lock table %s still there after UnlockNetwork: %s", table, out)
+	}
+	if err := UnlockNetwork(t.Context(), id); err != nil {
+		t.Fatalf("unlocking twice: %v", err)
+	}
+}

@@ -342,3 +342,29 @@ func TestTreePIDsMissing(t *testing.T) {
 		t.Fatalf("error %v", err)
 	}
 }
+
+// TestInventoryRunID reads the run id from an inventory image recorded
+// from a real CRIU 4.2.1 dump, and refuses damaged ones.
+func TestInventoryRunID(t *testing.T) {
+	b, err := os.ReadFile("testdata/inventory-tcp.img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := parseInventoryRunID(b)
+	if err != nil || id != "19b27125-5a72-48fa-84d5-2033fb6f05a2" {
+		t.Fatalf("run id %q, %v", id, err)
+	}
+	if got := NetworkLockTable(id); got != "CRIU-19b27125-5a72-48fa-84" {
+		t.Fatalf("table %q", got)
+	}
+	for name, bad := range map[string][]byte{
+		"empty":     nil,
+		"magic":     append([]byte{0, 0, 0, 0}, b[4:]...),
+		"truncated": b[:len(b)-5],
+		"no run id": append(append([]byte(nil), b[:4]...), 0, 0, 0, 0),
+	} {
+		if _, err := parseInventoryRunID(bad); !errors.Is(err, ErrBadInventory) {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+}

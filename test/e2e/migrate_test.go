@@ -405,31 +405,54 @@ func TestMovePreflightFailures(t *testing.T) {
 // the preflight and the restore: the restore fails, the source resumes and
 // the destination keeps nothing.
 func TestMoveRestoreFails(t *testing.T) {
-	b := newMigrationBed(t, "--failpoints", "dest-restore=stall(3s)")
-	p := startMemhog(t, b.A, "--mem", "64", "--hot", "1")
-	before, err := p.Status()
-	if err != nil {
-		t.Fatal(err)
+	cases := []struct {
+		name  string
+		flags []string
+	}{
+		{"precopy", []string{"--mode", "precopy"}},
+		{"stopcopy", []string{"--mode", "stopcopy"}},
+		// With --tcp-established CRIU locks the tree's connections with an
+		// nftables table and keeps it for a tree left stopped: the abort
+		// must lift it, or the resumed source is cut off its network.
+		{"tcp-established", []string{"--mode", "stopcopy", "--tcp-established"}},
 	}
-	done := make(chan MoveResult, 1)
-	go func() { done <- b.SrcAgent.Move(t, p.PID, b.DstAgent) }()
-	deadline := time.Now().Add(2 * time.Minute)
-	for !strings.Contains(b.DstAgent.Log(), "point=dest-restore") {
-		if time.Now().After(deadline) {
-			t.Fatalf("the destination never reached the restore")
-		}
-		time.Sleep(20 * time.Millisecond)
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			b := newMigrationBed(t, "--failpoints", "dest-restore=stall(3s)")
+			p := startMemhog(t, b.A, "--mem", "64", "--hot", "1", "--listen", "8080")
+			before, err := p.Status()
+			if err != nil {
+				t.Fatal(err)
+			}
+			done := make(chan MoveResult, 1)
+			go func() { done <- b.SrcAgent.Move(t, p.PID, b.DstAgent, c.flags...) }()
+			deadline := time.Now().Add(2 * time.Minute)
+			for !strings.Contains(b.DstAgent.Log(), "point=dest-restore") {
+				if time.Now().After(deadline) {
+					t.Fatalf("the destination never reached the restore")
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			occupant := b.B.occupyPID(t, p.PID)
+			defer occupant.Kill()
+			r := <-done
+			if r.Err == nil {
+				t.Fatalf("move succeeded although the PID was taken before the restore")
+			}
+			if r.Last.FailedPhase != "restore" || r.Last.ProcessLocation != "source" {
+				t.Fatalf("failed phase %q, location %q; error %q", r.Last.FailedPhase, r.Last.ProcessLocation, r.Last.Error)
+			}
+			t.Logf("error as the user sees it: %s", r.Last.Error)
+			occupant.Kill()
+			assertRunsOnSource(t, b, p, before)
+			if tables := b.A.Run(t, "nft", "list", "tables"); strings.Contains(tables, "CRIU-") {
+				t.Fatalf("CRIU's network lock stayed on the source after the abort: %s", tables)
+			}
+			// The resumed source answers on its own address, from the other host.
+			out := b.B.Run(t, "timeout", "10", "bash", "-c", "exec 3<>/dev/tcp/"+b.A.IP+"/8080; head -n1 <&3")
+			if !strings.HasPrefix(strings.TrimSpace(out), "counter=") {
+				t.Fatalf("the resumed source did not answer on %s:8080: %q", b.A.IP, out)
+			}
+		})
 	}
-	occupant := b.B.occupyPID(t, p.PID)
-	defer occupant.Kill()
-	r := <-done
-	if r.Err == nil {
-		t.Fatalf("move succeeded although the PID was taken before the restore")
-	}
-	if r.Last.FailedPhase != "restore" || r.Last.ProcessLocation != "source" {
-		t.Fatalf("failed phase %q, location %q; error %q", r.Last.FailedPhase, r.Last.ProcessLocation, r.Last.Error)
-	}
-	t.Logf("error as the user sees it: %s", r.Last.Error)
-	occupant.Kill()
-	assertRunsOnSource(t, b, p, before)
 }

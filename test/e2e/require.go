@@ -84,3 +84,14 @@ func RequireCRIU(t testing.TB) string {
 	}
 	return criuCheck.path
 }
+
+// RequireNFT calls RequireRoot and checks that the nft command (Debian's
+// nftables, which make setup installs) is on PATH; like RequireRoot it
+// fails the test when CI=true and skips it otherwise.
+func RequireNFT(t testing.TB) {
+	t.Helper()
+	RequireRoot(t)
+	if _, err := exec.LookPath("nft"); err != nil {
+		missing(t, "nft not found on PATH (make setup installs nftables)")
+	}
+}
