@@ -90,7 +90,9 @@ func parseInventoryRunID(b []byte) (string, error) {
 				return "", fmt.Errorf("%w: run id: %v", ErrBadInventory, protowire.ParseError(l))
 			}
 			id := string(v)
-			if id == "" || strings.ContainsFunc(id, func(r rune) bool { return !(r == '-' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z') }) {
+			if id == "" || strings.ContainsFunc(id, func(r rune) bool {
+				return !(r == '-' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z')
+			}) {
 				return "", fmt.Errorf("%w: run id %q", ErrBadInventory, id)
 			}
 			return id, nil
