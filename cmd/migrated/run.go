@@ -126,6 +126,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if recs := source.Recover(); len(recs) > 0 {
 		log.Info("recovery: driving unfinished migrations to an end", "count", len(recs))
 	}
+	owned := func(id string) bool {
+		r, err := journal.Get(id)
+		return err == nil && !r.Terminal()
+	}
+	for _, o := range host.Orphans(cfg.WorkDir, "/proc", owned) {
+		log.Warn("orphaned state, left in place for the operator: " + o)
+	}
 
 	// Peer API.
 	peerCreds := insecure.NewCredentials()

@@ -1,7 +1,10 @@
 package host
 
 import (
+	"os"
 	"os/exec"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -92,5 +95,23 @@ func TestIdentityTellsReusedPIDs(t *testing.T) {
 	}
 	if d.Alive(phaul.RestoredTree{PID: pid, PIDs: []int{pid}}) {
 		t.Fatal("a running process of unknown identity passes as a restored, stopped tree")
+	}
+}
+
+// TestOrphans reports work directories no unfinished migration owns, and
+// leaves them in place.
+func TestOrphans(t *testing.T) {
+	root := t.TempDir()
+	for _, d := range []string{"m-owned", "m-stray"} {
+		if err := os.MkdirAll(filepath.Join(root, d, "images"), 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := Orphans(root, t.TempDir(), func(id string) bool { return id == "m-owned" })
+	if len(got) != 1 || !strings.Contains(got[0], "m-stray") {
+		t.Fatalf("orphans %q, want the stray work directory only", got)
+	}
+	if _, err := os.Stat(filepath.Join(root, "m-stray", "images")); err != nil {
+		t.Fatalf("the orphaned work directory was touched: %v", err)
 	}
 }
