@@ -66,6 +66,10 @@ func demo(ctx context.Context, t testing.TB, out io.Writer) {
 
 	fmt.Fprintf(out, "\n$ migratectl move %d --to %s\n", p.PID, dstAgent.Addr)
 	e2e.ResetGap(t, p)
+	before, err := p.Status()
+	if err != nil {
+		t.Fatalf("status: %v", err)
+	}
 	cmd := A.Command(ctx, srcAgent.CtlBin, "--socket", srcAgent.Socket, "move", strconv.Itoa(p.PID), "--to", dstAgent.Addr)
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 	if err := cmd.Run(); err != nil {
@@ -92,9 +96,15 @@ func demo(ctx context.Context, t testing.TB, out io.Writer) {
 	if err != nil {
 		t.Fatalf("status: %v", err)
 	}
+	if s.Counter < before.Counter {
+		t.Fatalf("the counter went back: %d on %s after %d on %s", s.Counter, B.Name, before.Counter, A.Name)
+	}
 	v := e2e.Verify(t, q)
-	fmt.Fprintf(out, "\nthe counter went on without a reset; the largest pause the workload noticed was %d ms; its memory checksum is unchanged (verify=%s)\n",
-		s.MaxGap.Milliseconds(), v.Verify)
+	if v.Verify != "ok" || v.ColdSumNow != before.ColdSum {
+		t.Fatalf("memory changed across the move: verify=%s, checksum %s, before %s", v.Verify, v.ColdSumNow, before.ColdSum)
+	}
+	fmt.Fprintf(out, "\nthe counter went on from %d without a reset; the largest pause the workload noticed was %d ms; its memory checksum is unchanged (%s)\n",
+		before.Counter, s.MaxGap.Milliseconds(), v.ColdSumNow)
 }
 
 // watch prints the workload's counter as read from its status file for d;
