@@ -240,9 +240,9 @@ func (d *Destination) HandleBatch(ctx context.Context, id string, b *pagexfer.Ba
 		return err
 	}
 	m.mu.Lock()
-	st := m.rec.State
+	st, recv := m.rec.State, m.recv
 	m.mu.Unlock()
-	if st != DestPrepared && st != DestReceiving {
+	if (st != DestPrepared && st != DestReceiving) || recv == nil {
 		return fmt.Errorf("%w: page batch in state %s", ErrBadState, st)
 	}
 	if st == DestPrepared {
@@ -257,7 +257,7 @@ func (d *Destination) HandleBatch(ctx context.Context, id string, b *pagexfer.Ba
 	if err := d.hook(ctx, point); err != nil {
 		return err
 	}
-	if err := m.recv.HandleBatch(ctx, b); err != nil {
+	if err := recv.HandleBatch(ctx, b); err != nil {
 		return err
 	}
 	if b.Kind == pagexfer.BatchFinal && b.Last {
@@ -390,6 +390,18 @@ func (d *Destination) Restore(ctx context.Context, id string) (RestoredTree, err
 	if err := m.recv.FinishFinal(ctx); err != nil {
 		return fail(fmt.Errorf("writing pages: %w", err))
 	}
+	// The images are complete and the page store is needed no more: its
+	// memory, as large as the pre-copied workload, goes back before CRIU
+	// restores the tree into memory of its own.
+	m.mu.Lock()
+	recv := m.recv
+	m.recv = nil
+	m.mu.Unlock()
+	released := time.Now()
+	if err := recv.Close(); err != nil {
+		log.Warn("closing the page store", "error", err)
+	}
+	log.Debug("page store released", "took", time.Since(released))
 	pagesDone := time.Now()
 	if err := d.hook(ctx, "dest-restore"); err != nil {
 		return fail(err)

@@ -71,3 +71,64 @@ func TestSourceProcessExits(t *testing.T) {
 	assertNoLeftovers(t, b)
 	t.Logf("error as the user sees it: %s", r.Last.Error)
 }
+
+// TestCancelLaterPhases cancels a migration while its tree is frozen on
+// the source (held after the final dump) and while the destination
+// restores it: each time the source's copy resumes and keeps counting with
+// its memory intact, and the destination holds nothing.
+func TestCancelLaterPhases(t *testing.T) {
+	cases := []struct {
+		name, point string
+		onSource    bool
+	}{
+		{"after the final dump", "after-dump", true},
+		{"during image transfer", "transfer", true},
+		{"during restore", "dest-restore", false},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			RequireCRIU(t)
+			hs := NewHosts(t, 2)
+			b := &migrationBed{A: hs[0], B: hs[1]}
+			fp := []string{"--failpoints", c.point + "=stall(5s)"}
+			var srcFlags, dstFlags []string
+			if c.onSource {
+				srcFlags = fp
+			} else {
+				dstFlags = fp
+			}
+			b.SrcAgent = StartAgent(t, b.A, srcFlags...)
+			b.DstAgent = StartAgent(t, b.B, dstFlags...)
+			p := startMemhog(t, b.A, "--mem", "32", "--hot", "1")
+			before, err := p.Status()
+			if err != nil {
+				t.Fatal(err)
+			}
+			cw := watchCounter(p)
+			id := "cancel-late"
+			done := make(chan MoveResult, 1)
+			go func() { done <- b.SrcAgent.Move(t, p.PID, b.DstAgent, "--id", id) }()
+			held := b.DstAgent
+			if c.onSource {
+				held = b.SrcAgent
+			}
+			if !waitLog(t, held, "point="+c.point, 2*time.Minute) {
+				r := <-done
+				t.Fatalf("failpoint %s never fired; move ended with %v: %+v", c.point, r.Err, r.Last)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			out, serr, err := b.SrcAgent.Ctl(ctx, "cancel", id)
+			if err != nil || !strings.Contains(out, "cancelled") {
+				t.Fatalf("cancel: %v %s %s", err, out, serr)
+			}
+			r := <-done
+			if r.Err == nil || r.Last.ProcessLocation != "source" {
+				t.Fatalf("move after cancel: err=%v last=%+v", r.Err, r.Last)
+			}
+			t.Logf("error as the user sees it: %s", r.Last.Error)
+			assertRunsOnSource(t, b, p, before)
+			cw.Stop(t)
+		})
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -41,6 +42,55 @@ func startMemhog(t *testing.T, h *Host, args ...string) *Proc {
 	p := h.Start(t, StartOptions{StatusFile: status}, MemhogBinary(t), append(args, "--status", status)...)
 	WaitStatus(t, p, func(s WorkloadStatus) bool { return s.Counter > 20 }, 60*time.Second)
 	return p
+}
+
+// counterWatch reads a workload's status file every few milliseconds while
+// it moves: the source's copy and, after a restore, the destination's copy
+// write the same file, so the counter it shows must never go down. A
+// restore from stale memory (a page of the counter from an earlier
+// pre-copy round instead of the final dump) would show as a drop.
+type counterWatch struct {
+	p     *Proc
+	stop  chan struct{}
+	done  chan struct{}
+	reads atomic.Int64
+	drop  atomic.Value // string: the first drop seen
+}
+
+func watchCounter(p *Proc) *counterWatch {
+	w := &counterWatch{p: p, stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(w.done)
+		var last uint64
+		for {
+			if s, err := p.Status(); err == nil {
+				w.reads.Add(1)
+				if s.Counter < last && w.drop.Load() == nil {
+					w.drop.Store(fmt.Sprintf("counter %d (pid %d) after %d", s.Counter, s.PID, last))
+				}
+				last = max(last, s.Counter)
+			}
+			select {
+			case <-w.stop:
+				return
+			case <-time.After(2 * time.Millisecond):
+			}
+		}
+	}()
+	return w
+}
+
+// Stop ends the watch and fails the test if the counter went down.
+func (w *counterWatch) Stop(t *testing.T) {
+	t.Helper()
+	close(w.stop)
+	<-w.done
+	if d := w.drop.Load(); d != nil {
+		t.Errorf("the workload's counter went back during the move: %s", d)
+	}
+	if w.reads.Load() == 0 {
+		t.Errorf("the counter watch never read the status file %s", w.p.StatusFile)
+	}
 }
 
 // assertMoved checks that p runs on dst with the same PID, its counter went
@@ -176,8 +226,10 @@ func TestMoveMemhog(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			cw := watchCounter(p)
 			r := b.SrcAgent.Move(t, p.PID, b.DstAgent, "--mode", mode)
 			assertMoved(t, b, p, r, before)
+			cw.Stop(t)
 			rounds := int(*r.Last.Rounds)
 			dump, ok := finalDumpEvent(r)
 			if !ok {
