@@ -133,16 +133,8 @@ func (r *receiver) startPageServer(ctx context.Context) error {
 	if r.started {
 		return nil
 	}
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	criuEnd, conn, err := pageSocket()
 	if err != nil {
-		return fmt.Errorf("socketpair: %w", err)
-	}
-	criuEnd := os.NewFile(uintptr(fds[0]), "criu-ps")
-	ourFile := os.NewFile(uintptr(fds[1]), "ps")
-	conn, err := net.FileConn(ourFile)
-	ourFile.Close()
-	if err != nil {
-		criuEnd.Close()
 		return err
 	}
 	// The page server outlives this call: it must not be bound to the

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -173,16 +172,8 @@ func (s *Source) Dump(ctx context.Context, req phaul.DumpRequest) (phaul.DumpRes
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return phaul.DumpResult{}, err
 	}
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	criuEnd, conn, err := pageSocket()
 	if err != nil {
-		return phaul.DumpResult{}, fmt.Errorf("socketpair: %w", err)
-	}
-	criuEnd := os.NewFile(uintptr(fds[0]), "criu-ps")
-	ourFile := os.NewFile(uintptr(fds[1]), "ps")
-	conn, err := net.FileConn(ourFile)
-	ourFile.Close()
-	if err != nil {
-		criuEnd.Close()
 		return phaul.DumpResult{}, err
 	}
 	defer conn.Close()
