@@ -170,6 +170,12 @@ func (d *Destination) Prepare(ctx context.Context, req PrepareRequest) (PrepareR
 		// Finished migrations are forgotten: every one left is in flight.
 		active := len(d.migs)
 		d.mu.Unlock()
+		// One journal record per id on a host: an id the journal knows
+		// (a migration this host runs as the source, or one it finished)
+		// is not taken again.
+		if _, err := d.cfg.Journal.Get(req.ID); err == nil {
+			return PrepareResult{}, fmt.Errorf("%w: migration id %s is already in this host's journal", ErrExists, req.ID)
+		}
 		if active >= d.cfg.MaxConcurrent {
 			return PrepareResult{}, fmt.Errorf("%w: %d in flight", ErrBusy, active)
 		}

@@ -497,4 +497,15 @@ func TestDestinationRefusesBadInput(t *testing.T) {
 	if err := b.d.HandleBatch(ctx, "../x", &pagexfer.Batch{}); !errors.Is(err, ErrBadID) {
 		t.Errorf("batch with a bad id: %v", err)
 	}
+	// An id this host's journal already holds (here: a migration it runs
+	// as the source) is not taken by a peer: its record would be replaced.
+	if err := b.dstJ.Put(Record{ID: "m-mine", Role: "source", PID: 7, State: StateFrozen, Started: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.d.Prepare(ctx, PrepareRequest{ID: "m-mine", PIDs: []int{5}}); !errors.Is(err, ErrExists) {
+		t.Errorf("prepare with an id of this host's journal: %v", err)
+	}
+	if r, err := b.dstJ.Get("m-mine"); err != nil || r.Role != "source" || r.State != StateFrozen {
+		t.Errorf("the source record was touched: %+v %v", r, err)
+	}
 }

@@ -237,6 +237,11 @@ func (s *Source) Move(req MoveRequest) (*Migration, error) {
 		cancel()
 		return nil, fmt.Errorf("%w: %s", ErrExists, req.ID)
 	}
+	if _, err := s.cfg.Journal.Get(req.ID); err == nil {
+		s.mu.Unlock()
+		cancel()
+		return nil, fmt.Errorf("%w: migration id %s is already in this host's journal", ErrExists, req.ID)
+	}
 	for _, other := range s.migrations {
 		if other.Req.PID == req.PID && other.Outcome() == nil {
 			s.mu.Unlock()
