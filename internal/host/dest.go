@@ -218,7 +218,7 @@ func freeMemory() {
 func (d *Dest) Restore(ctx context.Context, id, imagesDir string, o phaul.RestoreOptions) (phaul.RestoredTree, error) {
 	res, err := d.criu.Restore(ctx, criurpc.RestoreOptions{
 		ImagesDir: imagesDir, WorkDir: filepath.Dir(imagesDir), LeaveStopped: true,
-		TCPEstablished: o.TCPEstablished, ShellJob: o.ShellJob,
+		TCPEstablished: o.TCPEstablished, NetworkLock: networkLock(o.TCPEstablished), ShellJob: o.ShellJob,
 	}, nil)
 	if err != nil {
 		return phaul.RestoredTree{}, err

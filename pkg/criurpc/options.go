@@ -34,8 +34,8 @@ const (
 	NetworkLockDefault NetworkLock = iota
 	// NetworkLockIPTables uses iptables rules (needs the iptables binary).
 	NetworkLockIPTables
-	// NetworkLockNFTables uses an nftables table "CRIU-<pid>" (needs
-	// nftables support in CRIU and the kernel).
+	// NetworkLockNFTables uses an nftables table "inet CRIU-<run id>"
+	// (needs nftables support in CRIU and the kernel; see UnlockNetwork).
 	NetworkLockNFTables
 	// NetworkLockSkip does not lock: packets reaching a frozen socket may
 	// reset connections. Only for trees without TCP connections, or when
@@ -155,6 +155,9 @@ type RestoreOptions struct {
 	LeaveStopped bool
 	// TCPEstablished restores established TCP connections.
 	TCPEstablished bool
+	// NetworkLock is how the restored connections stay locked until the
+	// tree runs; it should match the dump's.
+	NetworkLock NetworkLock
 	// ShellJob must match the dump's ShellJob.
 	ShellJob bool
 	// ExtUnixSk allows unix sockets connected to peers outside the tree.
@@ -391,6 +394,7 @@ func restoreRequest(o RestoreOptions, r *reqFiles) (*rpcpb.CriuOpts, error) {
 	opts := &rpcpb.CriuOpts{
 		LeaveStopped:    optBool(o.LeaveStopped),
 		TcpEstablished:  optBool(o.TCPEstablished),
+		NetworkLock:     o.NetworkLock.proto(),
 		ShellJob:        optBool(o.ShellJob),
 		ExtUnixSk:       optBool(o.ExtUnixSk),
 		FileLocks:       optBool(o.FileLocks),

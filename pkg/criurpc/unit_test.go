@@ -198,10 +198,13 @@ func TestRestoreRequest(t *testing.T) {
 	defer files.close()
 	opts, err := restoreRequest(RestoreOptions{
 		ImagesDir: dir, WorkDir: work, LogFile: "r.log", LogLevel: LogDebug, Sibling: true, LeaveStopped: true,
-		InheritFDs: []InheritFD{{Key: "pipe:[1]", File: f}},
+		InheritFDs: []InheritFD{{Key: "pipe:[1]", File: f}}, TCPEstablished: true, NetworkLock: NetworkLockNFTables,
 	}, &files)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if opts.GetNetworkLock() != rpcpb.CriuNetworkLockMethod_NFTABLES || !opts.GetTcpEstablished() {
+		t.Fatalf("network lock %v, tcp_established %v", opts.GetNetworkLock(), opts.GetTcpEstablished())
 	}
 	if !opts.GetRstSibling() || !opts.GetLeaveStopped() || opts.GetLogLevel() != 4 ||
 		len(opts.GetInheritFd()) != 1 || opts.GetInheritFd()[0].GetFd() != 4 || opts.GetInheritFd()[0].GetKey() != "pipe:[1]" {
