@@ -313,13 +313,25 @@ func TestMoveGoThreads(t *testing.T) {
 }
 
 func TestMoveFilesPipeSocket(t *testing.T) {
-	for _, mode := range []string{"precopy", "stopcopy"} {
-		t.Run(mode, func(t *testing.T) {
+	cases := []struct{ name, mode, extra string }{
+		{"precopy", "precopy", ""},
+		{"stopcopy", "stopcopy", ""},
+		// The sockets go with --tcp-established (nftables network lock on
+		// both sides); no lock may stay on either host afterwards.
+		{"tcp-established", "precopy", "--tcp-established"},
+	}
+	for _, c := range cases {
+		mode := c.mode
+		t.Run(c.name, func(t *testing.T) {
 			b := newMigrationBed(t)
-			file := filepath.Join(b.A.bedDir(), "memhog-"+mode+".log")
+			file := filepath.Join(b.A.bedDir(), "memhog-"+c.name+".log")
 			p := startMemhog(t, b.A, "--mem", "16", "--file", file, "--pipe", "--listen", "8080")
 			before := WaitStatus(t, p, func(s WorkloadStatus) bool { return s.FileLines >= 1 && s.PipeSeq > 10 }, 30*time.Second)
-			r := b.SrcAgent.Move(t, p.PID, b.DstAgent, "--mode", mode)
+			args := []string{"--mode", mode}
+			if c.extra != "" {
+				args = append(args, c.extra)
+			}
+			r := b.SrcAgent.Move(t, p.PID, b.DstAgent, args...)
 			q := assertMoved(t, b, p, r, before)
 			after := WaitStatus(t, q, func(s WorkloadStatus) bool {
 				return s.FileLines > before.FileLines && s.PipeSeq > before.PipeSeq+10
@@ -335,6 +347,11 @@ func TestMoveFilesPipeSocket(t *testing.T) {
 			lines, err := os.ReadFile(file)
 			if err != nil || len(strings.Split(strings.TrimSpace(string(lines)), "\n")) < after.FileLines {
 				t.Fatalf("file %s has fewer lines than the workload wrote: %v", file, err)
+			}
+			for _, h := range []*Host{b.A, b.B} {
+				if tables := h.Run(t, "nft", "list", "tables"); strings.Contains(tables, "CRIU-") {
+					t.Fatalf("CRIU's network lock stayed on %s after the move: %s", h.Name, tables)
+				}
 			}
 		})
 	}
