@@ -80,7 +80,7 @@ func (s *Source) recoverOne(ctx context.Context, r Record, why string) {
 		if why != "" {
 			r.Error = joinErr(r.Error, why)
 		}
-		if err := s.cfg.Journal.Put(r); err != nil {
+		if err := s.putRecovered(r); err != nil {
 			log.Error("journal write failed", "error", err)
 		}
 		// The source copy is ours to resume: at most one copy runs because
@@ -131,7 +131,7 @@ func (s *Source) recoverOne(ctx context.Context, r Record, why string) {
 					}
 					r.State = StateAborted
 					r.Error = joinErr(r.Error, "the destination lost its copy before the commit reached it; the source copy resumed")
-					if jerr := s.cfg.Journal.Put(r); jerr != nil {
+					if jerr := s.putRecovered(r); jerr != nil {
 						log.Error("journal write failed", "error", jerr)
 					}
 					s.cfg.Local.Cleanup(r.ID)
@@ -155,7 +155,7 @@ func (s *Source) recoverOne(ctx context.Context, r Record, why string) {
 				}
 				s.cfg.Local.Cleanup(r.ID)
 			}
-			if jerr := s.cfg.Journal.Put(r); jerr != nil {
+			if jerr := s.putRecovered(r); jerr != nil {
 				log.Error("journal write failed", "error", jerr)
 			}
 			log.Info("recovery: destination acknowledged", "state", r.State)
@@ -170,6 +170,17 @@ func (s *Source) recoverOne(ctx context.Context, r Record, why string) {
 		case <-time.After(RecoveryRetry):
 		}
 	}
+}
+
+// putRecovered journals r and shows its state in the migration's
+// in-memory view, if this agent still has one, so that `migratectl status`
+// tells what the background re-sends achieved.
+func (s *Source) putRecovered(r Record) error {
+	err := s.cfg.Journal.Put(r)
+	if m, ok := s.Get(r.ID); ok {
+		m.setState(r.State)
+	}
+	return err
 }
 
 func joinErr(a, b string) string {

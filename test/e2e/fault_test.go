@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"sort"
@@ -360,9 +361,13 @@ func runFault(t *testing.T, fault faultKind, phase, point string, onSource bool)
 	if onSource {
 		faulty = b.SrcAgent
 	}
+	id := "fault-" + strings.NewReplacer(" ", "-", ",", "").Replace(string(fault)+"-"+phase)
+	if len(id) > 64 {
+		id = id[:64]
+	}
 	done := make(chan MoveResult, 1)
 	go func() {
-		done <- b.SrcAgent.Move(t, p.PID, b.DstAgent, "--mode", "precopy")
+		done <- b.SrcAgent.Move(t, p.PID, b.DstAgent, "--mode", "precopy", "--id", id)
 	}()
 	if !waitLog(t, faulty, "point="+point, 2*time.Minute) {
 		r := <-done
@@ -398,6 +403,7 @@ func runFault(t *testing.T, fault faultKind, phase, point string, onSource bool)
 		t.Fatalf("memory not intact: %+v", v)
 	}
 	assertNoLeftovers(t, b)
+	assertStatusFinal(t, b.SrcAgent, id, fault == killSource)
 	outcome := "runs on " + where.Name
 	if where == b.A {
 		outcome += " (source resumed)"
@@ -406,6 +412,30 @@ func runFault(t *testing.T, fault faultKind, phase, point string, onSource bool)
 	}
 	t.Logf("%s %s: %s; one copy %s after the failed part was back", fault, phase, outcome, total.Round(time.Millisecond))
 	recordMatrix(matrixRow{fault: fault, phase: phase, outcome: outcome, converge: total})
+}
+
+// assertStatusFinal waits until `migratectl status ID` on the source
+// shows the migration finished (done, aborted or failed); after a restart of the
+// source agent it must also say that recovery finished it.
+func assertStatusFinal(t *testing.T, a *Agent, id string, recovered bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	var out string
+	for time.Now().Before(deadline) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		o, _, err := a.Ctl(ctx, "status", id)
+		cancel()
+		out = o
+		if err == nil && (strings.Contains(out, "state: done") || strings.Contains(out, "state: aborted") || strings.Contains(out, "state: failed")) {
+			if recovered && !strings.Contains(out, "restart") {
+				t.Fatalf("status after the source agent's restart does not tell the recovery:\n%s", out)
+			}
+			t.Logf("migratectl status %s:\n%s", id, out)
+			return
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Fatalf("migratectl status %s never showed a finished migration:\n%s", id, out)
 }
 
 // TestBackToBack moves one process A→B→A… 20 times and checks that the
