@@ -146,6 +146,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	guard := &agent.PeerGuard{
 		MaxPerPeer: cfg.Limits.MaxPerPeer, Log: log.Named("peer"),
 		State: func(id string) string { return dest.Status(id).State },
+		JournaledOwner: func(id string) string {
+			if r, err := journal.Get(id); err == nil && r.Role == "destination" {
+				return r.Peer
+			}
+			return ""
+		},
 	}
 	peerLn, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {

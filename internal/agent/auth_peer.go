@@ -23,9 +23,9 @@ import (
 //     Prepares are refused with ResourceExhausted.
 //
 // The peer identity is PeerIdentity's: the certificate's first SAN with
-// mutual TLS, the remote address without. Ownership is kept in memory: after
-// an agent restart, migrations recovered from the journal have no owner and
-// any peer may finish them (the source re-sends its decision).
+// mutual TLS, the remote address without. Ownership is kept in memory; after
+// an agent restart, a migration recovered from the journal belongs to the
+// peer its journal record names (JournaledOwner).
 type PeerGuard struct {
 	// MaxPerPeer bounds one peer's migrations in flight; 0 means no
 	// per-peer bound.
@@ -33,7 +33,11 @@ type PeerGuard struct {
 	// State returns the destination's state of a migration (one of the
 	// phaul.Dest* states).
 	State func(id string) string
-	Log   hclog.Logger
+	// JournaledOwner returns the owner the journal records for a
+	// migration this agent does not know from a Prepare since it started
+	// (one recovered after a restart); "" if none. Optional.
+	JournaledOwner func(id string) string
+	Log            hclog.Logger
 
 	mu      sync.Mutex
 	owner   map[string]string // migration id -> peer identity
@@ -60,6 +64,10 @@ func (g *PeerGuard) checkOwner(id, who, method string) error {
 	g.mu.Lock()
 	o, ok := g.owner[id]
 	g.mu.Unlock()
+	if !ok && g.JournaledOwner != nil {
+		o = g.JournaledOwner(id)
+		ok = o != ""
+	}
 	if ok && o != who {
 		g.log().Warn("peer call refused: the migration belongs to another peer", "method", shortMethod(method), "migration_id", id, "peer", who, "owner", o)
 		return fmt.Errorf("%w: migration %s belongs to another peer", ErrPermission, id)

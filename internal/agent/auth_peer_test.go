@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"net"
+	"path/filepath"
 	"testing"
 
 	"google.golang.org/grpc"
@@ -186,5 +187,35 @@ func TestPeerAPIMessageLimit(t *testing.T) {
 	r, err := c.Status(ctx, &migratev1.PeerStatusRequest{MigrationId: "m1"})
 	if err != nil || r.State != phaul.DestPrepared {
 		t.Fatalf("status after oversized messages: %v %v", r, err)
+	}
+}
+
+// TestPeerGuardOwnershipSurvivesRestart: after an agent restart the
+// in-memory table is empty, and the journal's record names the owner: another
+// peer still may not act on the migration.
+func TestPeerGuardOwnershipSurvivesRestart(t *testing.T) {
+	p := newPeerAPI(t)
+	defer p.dest.Close()
+	a, b := "10.0.0.1", "10.0.0.2"
+	if err := p.prepare(t, a, "m1"); err != nil {
+		t.Fatal(err)
+	}
+	j, err := phaul.OpenJournal(filepath.Join(p.dir, "journal"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r, err := j.Get("m1"); err != nil || r.Peer != a {
+		t.Fatalf("journal record %+v, %v: want the owner %s", r, err, a)
+	}
+	p.guard = &PeerGuard{MaxPerPeer: 2, State: p.guard.State, JournaledOwner: func(id string) string {
+		if r, err := j.Get(id); err == nil && r.Role == "destination" {
+			return r.Peer
+		}
+		return ""
+	}}
+	_, err = p.unary(peerCtx(b), "Abort", mustMarshal(t, &migratev1.AbortRequest{MigrationId: "m1"}))
+	wantCode(t, "abort by another peer after a restart", err, codes.PermissionDenied)
+	if _, err := p.unary(peerCtx(a), "Abort", mustMarshal(t, &migratev1.AbortRequest{MigrationId: "m1", Reason: "test"})); err != nil {
+		t.Fatalf("abort by the owner after a restart: %v", err)
 	}
 }

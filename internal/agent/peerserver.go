@@ -33,7 +33,7 @@ func (s *PeerServer) Prepare(ctx context.Context, r *migratev1.PrepareRequest) (
 	req := phaul.PrepareRequest{
 		ID: r.MigrationId, Source: capsFromProto(r.Source), CPUInfo: r.Cpuinfo, MemoryBytes: r.MemoryBytes,
 		Compression: compressionFromProto(r.Compression), TCPEstablished: r.TcpEstablished, ShellJob: r.ShellJob,
-		CheckOnly: r.CheckOnly,
+		CheckOnly: r.CheckOnly, Peer: PeerIdentity(ctx),
 	}
 	for _, pid := range r.Pids {
 		if pid <= 0 {

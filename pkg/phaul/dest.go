@@ -221,7 +221,7 @@ func (d *Destination) Prepare(ctx context.Context, req PrepareRequest) (PrepareR
 		return PrepareResult{}, err
 	}
 	m := &destMigration{
-		rec:     Record{ID: req.ID, Role: "destination", PID: req.PIDs[0], PIDs: req.PIDs, State: DestPrepared, Started: time.Now()},
+		rec:     Record{ID: req.ID, Role: "destination", PID: req.PIDs[0], PIDs: req.PIDs, Peer: req.Peer, State: DestPrepared, Started: time.Now()},
 		req:     req,
 		workDir: dir,
 		images:  images,

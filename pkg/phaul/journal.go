@@ -21,14 +21,17 @@ type Record struct {
 	// Identity of the tree's tasks (source: the original; destination:
 	// the restored copy), so that recovery never signals a process that
 	// only reuses a PID.
-	Identity Identity  `json:"identity,omitempty"`
-	Peer     string    `json:"peer,omitempty"`
-	State    string    `json:"state"`
-	Phase    string    `json:"phase,omitempty"`
-	DestPID  int       `json:"dest_pid,omitempty"`
-	Error    string    `json:"error,omitempty"`
-	Started  time.Time `json:"started"`
-	Updated  time.Time `json:"updated"`
+	Identity Identity `json:"identity,omitempty"`
+	// Peer is the other agent: for the source the destination's
+	// address, for the destination the source's authenticated identity
+	// (the migration's owner).
+	Peer    string    `json:"peer,omitempty"`
+	State   string    `json:"state"`
+	Phase   string    `json:"phase,omitempty"`
+	DestPID int       `json:"dest_pid,omitempty"`
+	Error   string    `json:"error,omitempty"`
+	Started time.Time `json:"started"`
+	Updated time.Time `json:"updated"`
 }
 
 // Journal states. A source record moves started → frozen → decided-commit

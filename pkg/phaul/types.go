@@ -133,6 +133,10 @@ type PrepareRequest struct {
 	TCPEstablished bool
 	ShellJob       bool
 	CheckOnly      bool
+	// Peer is the source agent as the destination's transport
+	// authenticated it; the destination journals it as the migration's
+	// owner.
+	Peer string
 }
 
 // PrepareResult is the destination's answer to Prepare.
