@@ -323,8 +323,20 @@ func (s *Source) unlockNetwork(t phaul.Tree) error {
 // Kill removes the frozen tree.
 func (s *Source) Kill(t phaul.Tree) error {
 	err := signalTree(s.procRoot, t.PIDs, t.Identity, unix.SIGKILL)
+	// Gone means gone: a migration reports success when its source copy
+	// no longer exists, not when it was told to exit (a large tree takes a
+	// while to free its memory).
+	for deadline := time.Now().Add(killWait); alive(s.procRoot, t.Root(), t.Identity) && time.Now().Before(deadline); {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if alive(s.procRoot, t.Root(), t.Identity) {
+		err = errors.Join(err, fmt.Errorf("pid %d still exists %v after SIGKILL", t.Root(), killWait))
+	}
 	return errors.Join(err, s.unlockNetwork(t))
 }
+
+// killWait bounds how long Kill waits for a killed tree to exit.
+const killWait = 10 * time.Second
 
 // Cleanup removes the migration's work directory and pre-copy state.
 func (s *Source) Cleanup(id string) {

@@ -680,6 +680,8 @@ func (s *Source) run(ctx context.Context, m *Migration) (out Outcome) {
 		out.Err = &PhaseError{ID: m.ID, Phase: PhaseCommit, Err: err, Location: "unknown", Advice: out.Advice}
 		return out
 	}
+	// The destination runs the process from here: the downtime ends.
+	downtime := time.Since(dres.FrozenAt)
 	if err := hook("after-commit"); err != nil {
 		log.Warn("failpoint after the commit", "error", err)
 	}
@@ -691,7 +693,6 @@ func (s *Source) run(ctx context.Context, m *Migration) (out Outcome) {
 	_ = s.cfg.Journal.Put(rec)
 	m.setState(StateDone)
 	s.cfg.Local.Cleanup(m.ID)
-	downtime := time.Since(dres.FrozenAt)
 	log.Info("migration done", "dest_pid", pid, "downtime", downtime, "rounds", len(rounds), "wire_bytes", wire)
 	return Outcome{
 		Moved: true, DestPID: pid, Downtime: downtime, Total: time.Since(start),

@@ -98,6 +98,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err := scope.WaitForBed(ctx, stdout); err != nil {
 		return err
 	}
+	defer e2e.RemoveBinaries()
 	root := scope.New(ctx, "bench", logw)
 	var results []result
 	var failures []error
@@ -138,7 +139,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 
 // fullPlan is `make bench-migrate`: memory sizes on both links; hot sets,
 // compressible memory and redis at 1 Gbit/s, where pre-copy and compression
-// matter (redis on both links). It runs in about 25 minutes here.
+// matter (redis on both links). It runs in about 20 minutes here.
 func fullPlan() []benchCase {
 	all := []string{methodFloor, methodCold, methodPageServer, methodStopcopy, methodPrecopy}
 	linked := all[1:] // the floor does not use the link: unshaped only

@@ -39,6 +39,7 @@ func run(ctx context.Context, stdout, stderr io.Writer) error {
 	if err := scope.WaitForBed(ctx, stdout); err != nil {
 		return err
 	}
+	defer e2e.RemoveBinaries()
 	root := scope.New(ctx, "demo", stderr)
 	fmt.Fprintln(stdout, "setting up two test hosts (namespaces on this machine) with migrated on each ...")
 	err := root.Run("demo", func(t testing.TB) { demo(ctx, t, stdout) })

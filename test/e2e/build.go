@@ -182,9 +182,11 @@ func fnv32(s string) uint32 {
 	return h
 }
 
-// removeBinaries deletes this test process's binary directory. Test
-// processes that never call it leave theirs to the next one (cacheDir).
-func removeBinaries() {
+// RemoveBinaries deletes this process's binary directory: the e2e suite's
+// TestMain, the demo and the benchmark call it when they end. A process
+// that never calls it (one that was killed) leaves its directory to the next
+// one (cacheDir).
+func RemoveBinaries() {
 	binCache.mu.Lock()
 	defer binCache.mu.Unlock()
 	if binCache.dir != "" {

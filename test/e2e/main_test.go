@@ -14,7 +14,7 @@ import (
 // finished: each one must have an owner that ends it.
 func TestMain(m *testing.M) {
 	code := m.Run()
-	removeBinaries()
+	RemoveBinaries()
 	if code == 0 {
 		if leaked := leakedGoroutines(10 * time.Second); leaked != "" {
 			fmt.Fprintf(os.Stderr, "leaked goroutines after all tests:\n%s\n", leaked)
