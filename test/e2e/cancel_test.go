@@ -23,12 +23,9 @@ func TestCancel(t *testing.T) {
 	if !waitLog(t, b.SrcAgent, "phase=precopy", time.Minute) {
 		t.Fatal("pre-copy never started")
 	}
+	cancelMove(t, b.SrcAgent, id)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	out, serr, err := b.SrcAgent.Ctl(ctx, "cancel", id)
-	if err != nil || !strings.Contains(out, "cancelled") {
-		t.Fatalf("cancel: %v %s %s", err, out, serr)
-	}
 	r := <-done
 	if r.Err == nil || r.Last.Phase != "failed" || !strings.Contains(r.Last.Error, "cancelled") || r.Last.ProcessLocation != "source" {
 		t.Fatalf("move after cancel: err=%v last=%+v", r.Err, r.Last)
@@ -42,7 +39,7 @@ func TestCancel(t *testing.T) {
 	// A finished migration cannot be cancelled.
 	r = b.SrcAgent.Move(t, p.PID, b.DstAgent, "--id", "done-already")
 	assertMoved(t, b, p, r, before)
-	_, serr, err = b.SrcAgent.Ctl(ctx, "cancel", "done-already")
+	_, serr, err := b.SrcAgent.Ctl(ctx, "cancel", "done-already")
 	if err == nil || !strings.Contains(serr, "commit") {
 		t.Fatalf("cancel after the commit: err=%v stderr=%s", err, serr)
 	}
@@ -116,12 +113,7 @@ func TestCancelLaterPhases(t *testing.T) {
 				r := <-done
 				t.Fatalf("failpoint %s never fired; move ended with %v: %+v", c.point, r.Err, r.Last)
 			}
-			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-			defer cancel()
-			out, serr, err := b.SrcAgent.Ctl(ctx, "cancel", id)
-			if err != nil || !strings.Contains(out, "cancelled") {
-				t.Fatalf("cancel: %v %s %s", err, out, serr)
-			}
+			cancelMove(t, b.SrcAgent, id)
 			r := <-done
 			if r.Err == nil || r.Last.ProcessLocation != "source" {
 				t.Fatalf("move after cancel: err=%v last=%+v", r.Err, r.Last)
@@ -130,5 +122,17 @@ func TestCancelLaterPhases(t *testing.T) {
 			assertRunsOnSource(t, b, p, before)
 			cw.Stop(t)
 		})
+	}
+}
+
+// cancelMove runs `migratectl cancel ID` on a and fails the test unless it
+// says the migration was cancelled.
+func cancelMove(t *testing.T, a *Agent, id string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	out, serr, err := a.Ctl(ctx, "cancel", id)
+	if err != nil || !strings.Contains(out, "cancelled") {
+		t.Fatalf("cancel: %v %s %s", err, out, serr)
 	}
 }
