@@ -5,7 +5,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -36,31 +35,14 @@ const (
 // DumpRunID returns the run id of the dump in imagesDir, from its
 // inventory image.
 func DumpRunID(imagesDir string) (string, error) {
-	b, err := readBounded(filepath.Join(imagesDir, "inventory.img"), maxInventory)
+	b, err := readLimited(filepath.Join(imagesDir, "inventory.img"), maxInventory+1)
 	if err != nil {
 		return "", err
 	}
+	if len(b) > maxInventory {
+		return "", fmt.Errorf("%w: more than %d bytes", ErrBadInventory, maxInventory)
+	}
 	return parseInventoryRunID(b)
-}
-
-func readBounded(path string, limit int64) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if fi.Size() > limit {
-		return nil, fmt.Errorf("%w: %s is %d bytes", ErrBadInventory, path, fi.Size())
-	}
-	b := make([]byte, fi.Size())
-	if _, err := f.ReadAt(b, 0); err != nil {
-		return nil, err
-	}
-	return b, nil
 }
 
 // parseInventoryRunID reads an inventory image: the inventory magic (u32,

@@ -146,12 +146,18 @@ func ParseRestoreStats(b []byte) (*RestoreStats, error) {
 }
 
 func readStatsFile(path string) ([]byte, error) {
+	return readLimited(path, 12+maxStatsEntry+1)
+}
+
+// readLimited reads at most limit bytes of a file CRIU wrote: a file
+// longer than its format allows is cut there, and its parser refuses it.
+func readLimited(path string, limit int64) ([]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, 12+maxStatsEntry+1))
+	b, err := io.ReadAll(io.LimitReader(f, limit))
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", path, err)
 	}
